@@ -1,0 +1,54 @@
+"""How every entry point starts and fails: absl flags, one-line errors, exit code 1.
+
+A problem the user can fix (a bad flag, missing data, a checkpoint that does
+not match) is reported as one line `<program>: error: <what is wrong>` on
+stderr, with exit code 1 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+
+from transformer.config import ConfigError
+
+
+class UserError(Exception):
+    """Something the user can correct; the message says what and how."""
+
+
+def fail(message: str) -> None:
+    """Prints the one-line error and exits with status 1."""
+    first_line = " ".join(str(message).split())
+    print(f"{_program()}: error: {first_line}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _program() -> str:
+    """'experiments.wmt' when run with python -m, else the script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return spec.name
+    return os.path.basename(sys.argv[0]) if sys.argv else "experiments"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e))
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """app.run with one-line errors for bad flags, configs and UserError."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (ConfigError, UserError) as e:
+            fail(str(e))
+
+    app.run(guarded, flags_parser=_parse_flags)

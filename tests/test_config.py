@@ -1,0 +1,94 @@
+"""Configs: presets, validation, and the one-line errors of the model flags."""
+
+import subprocess
+import sys
+
+import pytest
+
+from transformer import config
+
+
+@pytest.mark.parametrize("name", list(config.PRESETS))
+def test_presets_validate(name):
+    assert config.preset(name).validate() is config.preset(name)
+
+
+def test_table3_rows_change_only_what_the_paper_changes():
+    base = config.preset("base")
+    assert config.preset("dk16").replace(d_k=64) == base  # row B: d_k only, d_v stays 64
+    assert config.preset("dk16").d_v == 64
+    for name in ("h1", "h4", "h16", "h32"):  # row A: constant computation
+        c = config.preset(name)
+        assert c.num_heads * c.d_k == c.num_heads * c.d_v == 512
+    assert config.preset("big").dropout == 0.3
+    assert config.preset("learned_pos").positional == "learned"
+    assert config.PRESETS["ls0.2"].label_smoothing == 0.2
+    assert config.preset("ls0.2") == base
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"d_model": 0}, "d_model"),
+        ({"num_heads": -1}, "num_heads"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"layer_norm": "middle"}, "layer_norm"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"positional": "rotary"}, "positional"),
+        ({"vocab_size": 3}, "vocab_size"),
+    ],
+)
+def test_invalid_model_config_names_the_setting(changes, named):
+    with pytest.raises(config.ConfigError, match=named):
+        config.preset("base").replace(**changes).validate()
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"steps": 0}, "steps"),
+        ({"warmup_steps": -5}, "warmup_steps"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps"),
+        ({"learning_rate_scale": 0.0}, "learning_rate_scale"),
+    ],
+)
+def test_invalid_train_config_names_the_setting(changes, named):
+    with pytest.raises(config.ConfigError, match=named):
+        config.TrainConfig(**changes).validate()
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(config.ConfigError, match="tiny"):
+        config.preset("huge")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset=huge"], "--preset"),
+        (["--num_heads=7"], "not divisible by --num_heads=7"),
+        (["--d_model=0"], "d_model"),
+        (["--dropout=1.5"], "dropout"),
+        (["--flagfile=/nonexistent.flags"], "flagfile"),
+    ],
+)
+def test_bad_model_flags_exit_1_with_one_line(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.params", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].startswith("experiments.params: error:")
+
+
+def test_heads_override_derives_head_sizes():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.params", "--num_heads=16", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # d_k = d_v = 512 / 16 = 32 keeps the attention at 4 (d^2 + d) parameters.
+    assert '"component": "multi-head attention", "formula": 1050624' in result.stdout

@@ -1,0 +1,283 @@
+"""Attention (paper section 3.2): masks, scaled dot-product, multi-head, KV cache.
+
+Shapes: B batch, T query length, S key/value length, N heads, K query/key size
+per head, V value size per head, D model width.
+
+Masks are boolean, True where attention is allowed, shaped to broadcast
+against the [B, N, T, S] logits (usually [B, 1, T, S] or [B, 1, 1, S]).
+
+Decoding with a cache (see `MultiHeadAttention.init_cache`):
+  * self-attention keeps keys/values for every output position [B, L, N, K]
+    and writes one position per step;
+  * cross-attention keys/values are projected once per source sentence and
+    kept at the source batch size. Beam search runs W hypotheses per source:
+    their queries [B*W, 1, N, K] are regrouped to [B, W, N, K] so that all
+    beams of a sentence attend to the one copy of its keys/values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer.config import ModelConfig
+
+_NEG_INF = -1e10  # large and finite: a fully masked row gives uniform weights, not NaN
+
+
+# ----------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------
+
+
+def padding_mask(kv_tokens: jax.Array) -> jax.Array:
+    """[B, S] token ids -> [B, 1, 1, S]: keys that are not padding (id 0)."""
+    return (kv_tokens != 0)[:, None, None, :]
+
+
+def causal_mask(length: int) -> jax.Array:
+    """[1, 1, T, T]: query t may attend to keys 0..t."""
+    return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
+    """[B, T] and [B, S] segment ids of packed rows -> [B, 1, T, S]: same example."""
+    return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (broadcasting)."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    return functools.reduce(jnp.logical_and, masks)
+
+
+# ----------------------------------------------------------------------------
+# Scaled dot-product attention
+# ----------------------------------------------------------------------------
+
+
+def dot_product_attention_weights(
+    query: jax.Array, key: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """softmax(Q K^T / sqrt(d_k)), in float32 whatever the input dtype.
+
+    query [B, T, N, K], key [B, S, N, K], mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
+    """
+    query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
+    logits = jnp.einsum("BTNK,BSNK->BNTS", query, key, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _NEG_INF)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout: nn.Module | None = None,
+    deterministic: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, returning the weights too.
+
+    query [B, T, N, K], key [B, S, N, K], value [B, S, N, V]
+    -> output [B, T, N, V] (float32), weights [B, N, T, S] (float32).
+    `dropout`, if given, is applied to the weights (attention dropout).
+    """
+    weights = dot_product_attention_weights(query, key, mask)
+    dropped = weights if dropout is None else dropout(weights, deterministic=deterministic)
+    out = jnp.einsum(
+        "BNTS,BSNV->BTNV", dropped.astype(value.dtype), value, preferred_element_type=jnp.float32
+    )
+    return out, weights
+
+
+def fused_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """The same computation through jax.nn.dot_product_attention.
+
+    It picks a fused kernel where the backend has one (cuDNN flash attention on
+    GPU) and otherwise lowers to the einsum form. It needs d_k == d_v and
+    cannot return weights or apply attention dropout.
+    """
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)  # [B, T, N, V]
+
+
+# ----------------------------------------------------------------------------
+# Projections
+# ----------------------------------------------------------------------------
+
+
+def matmul(equation: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """einsum with inputs cast to the compute dtype and float32 accumulation/output."""
+    return jnp.einsum(
+        equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _glorot(in_axis, out_axis):
+    return nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+class HeadsProjection(nn.Module):
+    """x [B, L, D] -> [B, L, N, H]: one linear map per head, with bias."""
+
+    num_heads: int
+    head_size: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], self.num_heads, self.head_size)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_glorot(0, (1, 2)), ("embed", "heads", "kv")),
+            shape,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), shape[1:]
+        )
+        return matmul("BLD,DNH->BLNH", x, kernel, self.dtype) + bias  # [B, L, N, H]
+
+
+class OutputProjection(nn.Module):
+    """Concatenated heads [B, T, N, V] -> [B, T, D] (W^O, with bias)."""
+
+    d_model: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-2], x.shape[-1], self.d_model)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_glorot((0, 1), 2), ("heads", "kv", "embed")),
+            shape,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.d_model,)
+        )
+        return matmul("BTNV,NVD->BTD", x, kernel, self.dtype) + bias  # [B, T, D]
+
+
+# ----------------------------------------------------------------------------
+# Multi-head attention
+# ----------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, ...).
+
+    `is_self_attention` decides what the decoding cache holds: growing keys and
+    values of the outputs so far (self), or the projected source (cross).
+
+    Attention weights are recorded with `sow('intermediates', 'attention_weights')`
+    whenever the caller makes the 'intermediates' collection mutable; otherwise
+    the fused path is used where it applies.
+    """
+
+    config: ModelConfig
+    is_self_attention: bool
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.query = HeadsProjection(c.num_heads, c.d_k, dtype)
+        self.key = HeadsProjection(c.num_heads, c.d_k, dtype)
+        self.value = HeadsProjection(c.num_heads, c.d_v, dtype)
+        self.out = OutputProjection(c.d_model, dtype)
+        self.dropout = nn.Dropout(c.attention_dropout)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None,
+        mask: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        decode_step: jax.Array | None = None,
+    ) -> jax.Array:
+        """inputs_q [B, T, D], inputs_kv [B, S, D] -> [B, T, D].
+
+        Self-attention ignores `inputs_kv`. With `decode_step` (a scalar: the
+        position of the single query, T = 1) keys and values come from the
+        cache made by `init_cache`; the self-attention cache is updated in place.
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        query = self.query(inputs_q).astype(dtype)  # [B, T, N, K]
+        if self.is_self_attention:
+            key, value = self._self_keys_values(inputs_q, decode_step)
+            if decode_step is not None:  # only the positions decoded so far
+                mask = combine_masks(
+                    mask, (jnp.arange(key.shape[1]) <= decode_step)[None, None, None]
+                )
+        elif decode_step is not None:
+            key = self.get_variable("cache", "key")
+            value = self.get_variable("cache", "value")
+        else:
+            key = self.key(inputs_kv).astype(dtype)
+            value = self.value(inputs_kv).astype(dtype)
+        out = self._attend(query, key, value, mask, deterministic)  # [B, T, N, V]
+        return self.out(out)
+
+    def _self_keys_values(self, inputs, decode_step):
+        dtype = jnp.dtype(self.config.dtype)
+        key = self.key(inputs).astype(dtype)  # [B, T, N, K]
+        value = self.value(inputs).astype(dtype)  # [B, T, N, V]
+        if decode_step is None:
+            return key, value
+        cached_key = jax.lax.dynamic_update_slice_in_dim(
+            self.get_variable("cache", "key"), key, decode_step, axis=1
+        )
+        cached_value = jax.lax.dynamic_update_slice_in_dim(
+            self.get_variable("cache", "value"), value, decode_step, axis=1
+        )
+        self.put_variable("cache", "key", cached_key)
+        self.put_variable("cache", "value", cached_value)
+        return cached_key, cached_value  # [B, L, N, K], [B, L, N, V]
+
+    def _attend(self, query, key, value, mask, deterministic):
+        """Queries of a batch that is a multiple of the keys' batch share keys by group."""
+        batch, length = query.shape[:2]
+        group = batch // key.shape[0]
+        query = query.reshape(key.shape[0], group * length, *query.shape[2:])
+        needs_weights = self.is_mutable_collection("intermediates")
+        uses_dropout = self.config.attention_dropout > 0 and not deterministic
+        if needs_weights or uses_dropout or key.shape[-1] != value.shape[-1]:
+            out, weights = dot_product_attention(
+                query, key, value, mask, dropout=self.dropout, deterministic=deterministic
+            )
+            self.sow("intermediates", "attention_weights", weights)
+        else:
+            out = fused_attention(query, key, value, mask)
+        return out.reshape(batch, length, *out.shape[2:])  # [B, T, N, V]
+
+    def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
+        """Creates the decoding cache.
+
+        Self-attention: zero keys/values for `batch` hypotheses of `length` steps.
+        Cross-attention: the source's keys/values, projected once from
+        `encoded` [B_src, S, D]; `batch` may be any multiple of B_src.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if self.is_self_attention:
+            key = jnp.zeros((batch, length, c.num_heads, c.d_k), dtype)
+            value = jnp.zeros((batch, length, c.num_heads, c.d_v), dtype)
+        else:
+            key = self.key(encoded).astype(dtype)
+            value = self.value(encoded).astype(dtype)
+        self.put_variable("cache", "key", key)
+        self.put_variable("cache", "value", value)
