@@ -252,3 +252,74 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------
+
+# Dataset name -> its two languages.
+DATASETS = {
+    "ding_de_en": ("de", "en"),  # the Ding dictionary (Debian's trans-de-en): the CPU corpus
+    "wmt14_translate/de-en": ("de", "en"),  # the paper's EN-DE: direction en-de
+    "wmt14_translate/fr-en": ("fr", "en"),  # the paper's EN-FR: direction en-fr
+    "wmt17_translate/de-en": ("de", "en"),
+}
+BATCHING = ("packed", "bucketed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, which direction, and how examples become batches.
+
+    `direction` is "<source>-<target>" in the dataset's language codes, for
+    example "en-de" for the paper's English->German on wmt14_translate/de-en.
+
+    Batching "packed": rows of `row_length` tokens holding several examples
+    each (segment ids and positions), `batch_rows` rows per step.
+    Batching "bucketed": examples of similar length padded together, as many
+    as fit `tokens_per_batch` (source and target each), the paper's scheme.
+    Both are global figures: each process reads its share.
+    """
+
+    dataset: str = "wmt14_translate/de-en"
+    direction: str = "en-de"
+    data_dir: str | None = None  # TFDS data directory (local or gs://)
+    manual_dir: str | None = None  # downloaded archives / corpus file
+    max_len: int = 256  # longest training example kept, in tokens (source or target)
+    batching: Literal["packed", "bucketed"] = "packed"
+    batch_rows: int = 64
+    row_length: int = 256
+    tokens_per_batch: int = 25_000
+    vocab_sample_size: int = 2_000_000  # sentences sampled to train SentencePiece
+    shuffle_buffer_seed: int = 0
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+
+    def languages(self) -> tuple[str, str]:
+        source, _, target = self.direction.partition("-")
+        return source, target
+
+    def validate(self) -> DataConfig:
+        _check_choice("dataset", self.dataset, tuple(DATASETS))
+        _check_choice("batching", self.batching, BATCHING)
+        a, b = DATASETS[self.dataset]
+        if self.direction not in (f"{a}-{b}", f"{b}-{a}"):
+            raise ConfigError(
+                f"direction must be {a}-{b} or {b}-{a} for {self.dataset}, got {self.direction!r}"
+            )
+        for name in (
+            "max_len",
+            "batch_rows",
+            "row_length",
+            "tokens_per_batch",
+            "vocab_sample_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        return self
+
+    def replace(self, **changes) -> DataConfig:
+        return dataclasses.replace(self, **changes)
