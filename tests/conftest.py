@@ -32,3 +32,104 @@ def make_tokens():
         return jax.numpy.asarray(rng.integers(4, vocab_size, shape), jax.numpy.int32)
 
     return make
+
+
+# ----------------------------------------------------------------------------
+# A small corpus in the format of Debian's trans-de-en file (the Ding dictionary).
+# ----------------------------------------------------------------------------
+
+DING_HEADER = """\
+# Version :: devel 2023-01-30
+# Copyright (c) :: Frank Richter <frank.richter.tu-chemnitz.de>
+"""
+
+DING_PHRASES = """\
+Aal {m} (auf der Speisekarte) [cook.] | Aal blau; blauer Aal :: Eel (on a menu) | Eel au bleu
+Aalsuppe {f} [cook.] | Aalsuppen {pl} :: eel soup | eel soups
+Sonnenbräune {f}; Bräune {f} | eine tiefe Bräune haben :: suntan; tan | to have a deep tan; to be very tanned
+Straße {f} | Straßen {pl} :: street; road | streets; roads
+Größe {f} [ugs.] <Groesse> :: size
+grün {adj} :: green
+etw. öffnen {vt} | öffnend | geöffnet :: to open sth. | opening | opened
+Haus {n} | Häuser {pl} :: house | houses
+schön; hübsch {adj} :: beautiful; pretty
+Tür {f} | Türen {pl} :: door | doors
+kaputt [ugs.] | kaputter :: broken | more broken
+falsch aligned | zweiter Teil :: wrongly aligned
+"""
+
+_SUBJECTS = [
+    ("Der Hund", "The dog"),
+    ("Die Katze", "The cat"),
+    ("Mein Bruder", "My brother"),
+    ("Unsere Lehrerin", "Our teacher"),
+    ("Der alte Mann", "The old man"),
+    ("Das Mädchen", "The girl"),
+    ("Ein Bäcker", "A baker"),
+    ("Die Ärztin", "The doctor"),
+]
+_VERBS = [
+    ("sieht", "sees"),
+    ("öffnet", "opens"),
+    ("malt", "paints"),
+    ("sucht", "looks for"),
+    ("kauft", "buys"),
+    ("zählt", "counts"),
+]
+_OBJECTS = [
+    ("das grüne Haus", "the green house"),
+    ("eine schöne Tür", "a beautiful door"),
+    ("die Straße", "the street"),
+    ("einen großen Aal", "a big eel"),
+    ("die kaputte Tür", "the broken door"),
+]
+_ENDS = [(".", "."), ("!", "!"), (" [ugs.].", ".")]
+
+
+def ding_sentence_lines() -> list[str]:
+    """240 distinct example sentences, one per line, some with annotations."""
+    lines = []
+    for i, (s_de, s_en) in enumerate(_SUBJECTS):
+        for j, (v_de, v_en) in enumerate(_VERBS):
+            for k, (o_de, o_en) in enumerate(_OBJECTS):
+                e_de, e_en = _ENDS[(i + j + k) % len(_ENDS)]
+                lines.append(f"{s_de} {v_de} {o_de}{e_de} :: {s_en} {v_en} {o_en}{e_en}")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def ding_sample_dir(tmp_path_factory):
+    """A manual_dir holding a small `de-en` file in the Ding format."""
+    folder = tmp_path_factory.mktemp("ding_manual")
+    text = DING_HEADER + DING_PHRASES + "\n".join(ding_sentence_lines()) + "\n"
+    (folder / "de-en").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ding_sample(tmp_path_factory, ding_sample_dir):
+    """DataConfig of the sample corpus, built (TFDS array_record) in a temporary data_dir."""
+    from transformer.data import datasets
+
+    data = config.DataConfig(
+        dataset="ding_de_en",
+        direction="de-en",
+        manual_dir=str(ding_sample_dir),
+        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        batching="packed",
+        batch_rows=8,
+        row_length=32,
+        max_len=32,
+        tokens_per_batch=256,
+    )
+    datasets.prepare(data)
+    return data
+
+
+@pytest.fixture(scope="session")
+def sample_vocab(tmp_path_factory, ding_sample):
+    """A 350-piece vocabulary trained on the sample corpus, saved in a workdir."""
+    from transformer.data import pipeline
+
+    workdir = tmp_path_factory.mktemp("vocab_workdir")
+    return pipeline.vocabulary(ding_sample, str(workdir), 350, is_chief=True)

@@ -291,9 +291,13 @@ class DataConfig:
     batch_rows: int = 64
     row_length: int = 256
     tokens_per_batch: int = 25_000
-    vocab_sample_size: int = 2_000_000  # sentences sampled to train SentencePiece
-    shuffle_buffer_seed: int = 0
-    num_workers: int = 0  # grain worker processes (0: in the main process)
+    vocab_sample_size: int = 2_000_000  # sentence pairs sampled to train SentencePiece
+    # ding_de_en only: how often each full-sentence pair appears per epoch
+    # (phrases appear once), and whether to keep only the first alternatives.
+    sentence_repeats: int = 1
+    first_alternative_only: bool = False
+    num_threads: int = 2  # threads reading and tokenizing batches ahead of training
+    prefetch_batches: int = 8
 
     def languages(self) -> tuple[str, str]:
         source, _, target = self.direction.partition("-")
@@ -313,12 +317,18 @@ class DataConfig:
             "row_length",
             "tokens_per_batch",
             "vocab_sample_size",
+            "sentence_repeats",
+            "num_threads",
+            "prefetch_batches",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.batching == "packed" and self.max_len > self.row_length:
+            raise ConfigError(
+                f"max_len ({self.max_len}) must not exceed row_length ({self.row_length}) "
+                "when batching is packed: a kept example must fit in a row"
+            )
         return self
 
     def replace(self, **changes) -> DataConfig:

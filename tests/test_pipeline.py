@@ -1,0 +1,100 @@
+"""The grain pipeline on the sample corpus: content, resume, process shards, evaluation."""
+
+import numpy as np
+import pytest
+
+from transformer.data import datasets, pipeline
+
+
+@pytest.fixture(scope="module")
+def train(ding_sample, sample_vocab, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    (workdir / "vocab.model").write_bytes(sample_vocab.proto)
+    return pipeline.train_data(ding_sample, str(workdir), 350, max_len=32, seed=0)
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_batches_hold_the_corpus_text(train, ding_sample):
+    batch = next(train.iterator())
+    source = datasets.load_split(ding_sample, "train")
+    corpus = {source[i] for i in range(len(source))}
+    assert batch["inputs"].shape == (8, 32) and batch["inputs"].dtype == np.int32
+    found = 0
+    for r in range(8):
+        for segment in range(1, batch["inputs_segmentation"][r].max() + 1):
+            src = batch["inputs"][r][batch["inputs_segmentation"][r] == segment]
+            tgt = batch["targets"][r][batch["targets_segmentation"][r] == segment]
+            assert src[-1] == tgt[-1] == 1  # EOS ends both sides
+            assert (train.vocab.decode(src), train.vocab.decode(tgt)) in corpus
+            found += 1
+    assert found > 8  # rows hold several examples
+
+
+def test_one_epoch_covers_the_training_split_once(train):
+    n = train.plan.epoch_size(0)
+    _, _, rows = zip(*(train.plan.batch(i) for i in range(n)), strict=True)
+    placed = np.concatenate([r for batch in rows for r in batch])
+    assert sorted(placed.tolist()) == list(range(train.num_examples))
+
+
+def test_restored_iterator_continues_exactly(train):
+    uninterrupted = _take(train.iterator(), 7)
+    first = train.iterator()
+    _take(first, 4)
+    state = first.get_state()
+    resumed = train.iterator()
+    resumed.set_state(state)
+    for expected, got in zip(uninterrupted[4:], _take(resumed, 3), strict=True):
+        for key in expected:
+            np.testing.assert_array_equal(expected[key], got[key])
+
+
+def test_epochs_differ_and_continue_past_the_first(train):
+    size = train.plan.epoch_size(0)
+    it = train.iterator()
+    batches = _take(it, size + 1)
+    assert train.plan.batch(size)[0] == 1  # batch `size` opens epoch 1
+    assert not np.array_equal(batches[0]["inputs"], batches[size]["inputs"])
+
+
+def test_two_processes_read_disjoint_halves(ding_sample, sample_vocab, tmp_path):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    args = dict(data=ding_sample, workdir=str(tmp_path), vocab_size=350, max_len=32, seed=0)
+    single = next(pipeline.train_data(**args).iterator())
+    halves = [
+        next(pipeline.train_data(**args, process_index=p, process_count=2).iterator())
+        for p in range(2)
+    ]
+    assert halves[0]["inputs"].shape == (4, 32)
+    for key in single:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), single[key])
+    assert not np.array_equal(halves[0]["inputs"], halves[1]["inputs"])
+
+
+def test_long_training_examples_are_dropped_and_counted(ding_sample, sample_vocab, tmp_path):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    data = ding_sample.replace(max_len=8)
+    short = pipeline.train_data(data, str(tmp_path), 350, max_len=8, seed=0)
+    index = short.plan.index
+    too_long = int(np.sum((index.source_lengths > 8) | (index.target_lengths > 8)))
+    assert short.plan.dropped == too_long > 0
+    batch = next(short.iterator())
+    assert batch["inputs"].shape[1] == 32  # rows keep their length; examples are short
+
+
+def test_evaluation_keeps_every_example(ding_sample, sample_vocab):
+    source = datasets.load_split(ding_sample, "validation")
+    batches = pipeline.eval_batches(
+        source, sample_vocab, max_len=6, tokens_per_batch=64, row_multiple=2
+    )
+    indices = np.concatenate([b["index"] for b in batches])
+    assert sorted(indices[indices >= 0].tolist()) == list(range(len(source)))
+    for b in batches:
+        assert b["inputs"].shape[0] % 2 == 0 and b["inputs"].shape[1] <= 8
+        for row, i in enumerate(b["index"]):
+            if i >= 0:  # cut to max_len, still EOS-terminated
+                ids = b["inputs"][row][b["inputs"][row] != 0]
+                assert len(ids) <= 6 and ids[-1] == 1

@@ -1,0 +1,90 @@
+"""The SentencePiece vocabulary: distinct special ids, round trips, reuse, waiting."""
+
+import threading
+import time
+
+import pytest
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.data import DataError, vocab
+
+
+def test_special_ids_are_distinct(sample_vocab):
+    assert len({PAD_ID, EOS_ID, BOS_ID, UNK_ID}) == 4
+    assert sample_vocab.pieces([PAD_ID, EOS_ID, BOS_ID, UNK_ID]) == [
+        "<pad>",
+        "</s>",
+        "<s>",
+        "<unk>",
+    ]
+    assert sample_vocab.size == 350
+    # An unseen character is spelled in bytes, never mapped to <unk> or padding.
+    ids = sample_vocab.encode("Qüß€")
+    assert UNK_ID not in ids and PAD_ID not in ids
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Die Straße ist naß, öffnen Sie bitte die Tür!",
+        "The old man buys a beautiful door (on a menu).",
+        "„Größe“ – 10 € … ÄÖÜ äöü ß?",
+        "Mixed 漢字 and emoji 😀, tab-free.",
+    ],
+)
+def test_round_trip(sample_vocab, text):
+    assert sample_vocab.decode(sample_vocab.encode(text)) == text
+
+
+def test_decode_stops_at_eos_and_skips_padding(sample_vocab):
+    ids = sample_vocab.encode("Der Hund")
+    assert sample_vocab.decode([BOS_ID, *ids, EOS_ID, *sample_vocab.encode("sieht"), PAD_ID]) == (
+        "Der Hund"
+    )
+
+
+def test_existing_vocabulary_is_reused(tmp_path, sample_vocab):
+    path = tmp_path / vocab.VOCAB_FILE
+    path.write_bytes(sample_vocab.proto)
+
+    def must_not_train():
+        raise AssertionError("trained although the file exists")
+
+    assert vocab.load_or_train(path, must_not_train, 350).proto == sample_vocab.proto
+
+
+def test_size_mismatch_is_refused(tmp_path, sample_vocab):
+    path = tmp_path / vocab.VOCAB_FILE
+    path.write_bytes(sample_vocab.proto)
+    with pytest.raises(DataError, match="vocab_size=512"):
+        vocab.load_or_train(path, lambda: [], 512)
+
+
+def test_other_processes_wait_for_process_0(tmp_path, sample_vocab):
+    path = tmp_path / vocab.VOCAB_FILE
+
+    def chief_writes_later():
+        time.sleep(1.5)
+        tmp = tmp_path / ".partial"
+        tmp.write_bytes(sample_vocab.proto)
+        tmp.rename(path)
+
+    writer = threading.Thread(target=chief_writes_later)
+    writer.start()
+    start = time.monotonic()
+    loaded = vocab.load_or_train(path, lambda: [], 350, is_chief=False, timeout_s=30)
+    writer.join()
+    assert loaded.proto == sample_vocab.proto
+    assert time.monotonic() - start >= 1.0
+
+
+def test_waiting_times_out_with_a_message(tmp_path):
+    with pytest.raises(DataError, match="process 0"):
+        vocab.load_or_train(
+            tmp_path / "never.model", lambda: [], 300, is_chief=False, timeout_s=0.1
+        )
+
+
+def test_too_large_a_vocabulary_for_the_corpus_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot train a 5000-piece vocabulary"):
+        vocab.train(["ein kleiner Satz", "a small sentence"] * 50, 5000)

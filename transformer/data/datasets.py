@@ -1,0 +1,84 @@
+"""One interface over the corpora: prepare once, then (source, target) text pairs by index.
+
+TFDS builds every corpus into array_record files, which `tfds.data_source`
+reads by random access without TensorFlow. Records hold bytes per language;
+`TranslationSource` turns them into (source, target) strings in the
+configured direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow_datasets as tfds
+
+from transformer.config import DataConfig
+from transformer.data import DataError, ding
+
+SPLITS = ("train", "validation", "test")
+
+
+def _ding_builder(data: DataConfig) -> ding.DingDeEn:
+    return ding.DingDeEn(data_dir=data.data_dir, file_format="array_record")
+
+
+def prepare(data: DataConfig) -> None:
+    """Builds the dataset's array_record files under data_dir unless they exist."""
+    if data.dataset == "ding_de_en":
+        builder = _ding_builder(data)
+        if not builder.is_prepared():
+            config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
+            builder.download_and_prepare(download_config=config)
+    else:
+        from transformer.data import wmt
+
+        wmt.prepare_wmt(data.dataset, data.data_dir, data.manual_dir)
+
+
+def _records(data: DataConfig, split: str):
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if data.dataset == "ding_de_en":
+        builder = _ding_builder(data)
+        if not builder.is_prepared():
+            raise DataError(
+                f"ding_de_en is not built in {builder.data_dir}; run training once or "
+                "python -m experiments.prepare_data --dataset=ding_de_en"
+            )
+        return builder.as_data_source(split=split)
+    from transformer.data import wmt
+
+    return wmt.wmt_split(data.dataset, split, data.data_dir)
+
+
+@dataclasses.dataclass
+class TranslationSource:
+    """Random access to (source text, target text) pairs of one split.
+
+    `record(i)` gives the raw record with its other fields (for ding_de_en:
+    whether the pair is a full sentence), used by the pipeline to weight examples.
+    """
+
+    records: object  # a tfds/grain random-access data source
+    source_lang: str
+    target_lang: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        record = self.records[index]
+        return _text(record[self.source_lang]), _text(record[self.target_lang])
+
+    def record(self, index: int) -> dict:
+        return self.records[index]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def load_split(data: DataConfig, split: str) -> TranslationSource:
+    """The split of a prepared dataset as (source, target) pairs in data.direction."""
+    source_lang, target_lang = data.languages()
+    return TranslationSource(_records(data, split), source_lang, target_lang)

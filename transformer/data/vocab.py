@@ -1,0 +1,142 @@
+"""The shared source/target SentencePiece vocabulary.
+
+Special ids are fixed (transformer.config): PAD 0, EOS 1, BOS 2, UNK 3, all
+distinct, so that padding never hides an unknown token. Text is not
+normalized (identity rule) and unknown characters fall back to UTF-8 bytes,
+so decode(encode(text)) == text for any text without runs of whitespace.
+
+One model is trained per workdir on a sample of the training split; only
+process 0 trains it and writes it atomically, the other processes wait for
+the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import sentencepiece as spm
+from etils import epath
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.data import DataError
+
+VOCAB_FILE = "vocab.model"
+
+
+class Vocabulary:
+    """Encodes text to ids and back with a SentencePiece model."""
+
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id(), self._sp.unk_id())
+        if ids != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+            raise DataError(
+                f"vocabulary has special ids pad/eos/bos/unk = {ids}, expected "
+                f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; delete it to train a new one"
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
+        return cls(epath.Path(path).read_bytes())
+
+    @property
+    def size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without EOS."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, stopping at the first EOS and skipping PAD and BOS."""
+        kept = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i not in (PAD_ID, BOS_ID):
+                kept.append(i)
+        return self._sp.decode(kept)
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The piece strings of ids (for attention-map axes)."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
+
+def train(texts: Iterable[str], vocab_size: int) -> Vocabulary:
+    """Trains a unigram SentencePiece model on `texts` with the project's special ids."""
+    model = io.BytesIO()
+    try:
+        _train(texts, vocab_size, model)
+    except RuntimeError as e:  # SentencePiece reports bad sizes as INTERNAL errors
+        message = str(e).split("] ")[-1]
+        raise DataError(f"cannot train a {vocab_size}-piece vocabulary: {message}") from e
+    return Vocabulary(model.getvalue())
+
+
+def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=0.9999,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+
+
+def load_or_train(
+    path: str | os.PathLike,
+    texts: Callable[[], Iterable[str]],
+    vocab_size: int,
+    *,
+    is_chief: bool = True,
+    timeout_s: float = 3600.0,
+) -> Vocabulary:
+    """The vocabulary at `path`; trained from texts() first if missing.
+
+    Only the chief (process 0) trains and writes; it writes to a temporary
+    name and renames, so a waiting process never reads half a file.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        if is_chief:
+            vocab = train(texts(), vocab_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+            tmp.write_bytes(vocab.proto)
+            tmp.rename(path)
+        else:
+            _wait_for(path, timeout_s)
+    vocab = Vocabulary.load(path)
+    if vocab.size != vocab_size:
+        raise DataError(
+            f"{path} has {vocab.size} pieces but the model expects vocab_size={vocab_size}; "
+            "set --vocab_size to match or use a new workdir"
+        )
+    return vocab
+
+
+def _wait_for(path: epath.Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"timed out after {timeout_s:.0f}s waiting for process 0 to write {path}"
+            )
+        time.sleep(1.0)
