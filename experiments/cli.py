@@ -11,9 +11,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from transformer.checkpoint import CheckpointError
 from transformer.config import ConfigError
+from transformer.data import DataError
 
 
 class UserError(Exception):
@@ -46,9 +48,13 @@ def run(main: Callable[[list[str]], None]) -> None:
     """app.run with one-line errors for bad flags, configs and UserError."""
 
     def guarded(argv):
+        # Library logs (orbax, grain, tfds) only from WARNING up unless --verbosity
+        # is given; progress and results are printed.
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
-        except (ConfigError, UserError) as e:
+        except (ConfigError, UserError, DataError, CheckpointError) as e:
             fail(str(e))
 
     app.run(guarded, flags_parser=_parse_flags)

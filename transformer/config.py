@@ -216,9 +216,12 @@ def preset(name: str) -> ModelConfig:
 # ----------------------------------------------------------------------------
 
 
+NAN_POLICIES = ("stop", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The optimizer, schedule and loss: the paper's section 5.3 and 5.4."""
+    """The optimizer, schedule and loss (the paper's sections 5.3 and 5.4) and the loop."""
 
     steps: int = 100_000
     warmup_steps: int = 4000
@@ -230,12 +233,38 @@ class TrainConfig:
     grad_clip_norm: float = 0.0  # 0 disables clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer update
     seed: int = 0
+    # The loop: time budget, logging, evaluation, checkpoints.
+    train_minutes: float = 0.0  # stop after this much wall time in the loop (0: no limit)
+    log_every: int = 100
+    eval_every: int = 1000  # validation loss/BLEU every N steps (0: only at the end)
+    eval_bleu_sentences: int = 200  # validation sentences translated for BLEU (0: none)
+    final_eval_split: str = "test"  # translated in full at the end ("" to skip)
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    checkpoint_every: int = 1000  # steps (0: only by time and at the end)
+    checkpoint_minutes: float = 10.0  # the paper's interval (0: only by steps)
+    keep_checkpoints: int = 5  # the paper averages the last 5 (base) or 20 (big)
+    nan_policy: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> TrainConfig:
-        for name in ("steps", "warmup_steps", "grad_accum_steps"):
+        for name in (
+            "steps",
+            "warmup_steps",
+            "grad_accum_steps",
+            "log_every",
+            "keep_checkpoints",
+            "beam_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "eval_bleu_sentences", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("train_minutes", "checkpoint_minutes", "grad_clip_norm", "length_penalty"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate_scale <= 0:
             raise ConfigError(f"learning_rate_scale must be > 0, got {self.learning_rate_scale}")
         for name in ("adam_b1", "adam_b2", "label_smoothing"):
@@ -244,10 +273,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         if self.adam_eps <= 0:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
-        if self.grad_clip_norm < 0:
-            raise ConfigError(
-                f"grad_clip_norm must be >= 0 (0 disables), got {self.grad_clip_norm}"
-            )
+        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _check_choice("final_eval_split", self.final_eval_split, ("", "validation", "test"))
         return self
 
     def replace(self, **changes) -> TrainConfig:

@@ -1,0 +1,256 @@
+"""Training: schedule, loss, steps on 1 and 8 devices, accumulation, resume, flags."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import config, sharding, train
+from transformer.data import pipeline
+from transformer.model import Transformer
+
+# ----------------------------------------------------------------------------
+# Schedule and loss
+# ----------------------------------------------------------------------------
+
+
+def test_schedule_is_the_papers_formula():
+    schedule = train.learning_rate_schedule(512, 4000)
+    paper = lambda step: 512**-0.5 * min(step**-0.5, step * 4000**-1.5)  # noqa: E731
+    for step in (1, 100, 4000, 4001, 100_000):
+        assert float(schedule(step - 1)) == pytest.approx(paper(step), rel=1e-5)
+    rates = np.asarray(jax.vmap(schedule)(jnp.arange(20_000)))
+    assert int(np.argmax(rates)) == 3999  # the peak is at step 4000 = warmup
+    assert float(train.learning_rate_schedule(512, 4000, scale=2.0)(99)) == pytest.approx(
+        2 * paper(100), rel=1e-5
+    )
+
+
+def test_label_smoothed_loss_by_hand():
+    probs = [0.1, 0.2, 0.3, 0.4]
+    logits = jnp.log(jnp.array([[probs, probs]]))  # [R=1, T=2, V=4]
+    targets = jnp.array([[3, 0]])  # the second position is padding
+    sums = train.cross_entropy_sums(logits, targets, smoothing=0.1)
+    low = 0.1 / 3
+    cross_entropy = -(0.9 * math.log(0.4) + low * sum(math.log(p) for p in probs[:3]))
+    entropy = -(0.9 * math.log(0.9) + 3 * low * math.log(low))
+    assert float(sums["loss"]) == pytest.approx(cross_entropy - entropy, rel=1e-5)
+    assert float(sums["nll"]) == pytest.approx(-math.log(0.4), rel=1e-5)
+    assert float(sums["tokens"]) == 1.0 and float(sums["correct"]) == 1.0
+
+
+def test_perfect_prediction_has_zero_smoothed_loss():
+    v, eps = 5, 0.1
+    target_dist = np.full(v, eps / (v - 1))
+    target_dist[2] = 1 - eps
+    sums = train.cross_entropy_sums(jnp.log(jnp.array([[target_dist]])), jnp.array([[2]]), eps)
+    assert float(sums["loss"]) == pytest.approx(0.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Steps on real batches of the sample corpus
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batches(ding_sample, sample_vocab, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("train_batches")
+    (workdir / "vocab.model").write_bytes(sample_vocab.proto)
+    data = pipeline.train_data(ding_sample, str(workdir), 350, max_len=32, seed=0)
+    iterator = data.iterator()
+    return [next(iterator) for _ in range(4)]
+
+
+def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
+    """Losses and final params of training from the same init on a given mesh."""
+    devices = jax.devices()[:1] if devices is None else devices
+    sizes = sharding.parse_mesh(mesh_spec, len(devices))
+    mesh = sharding.make_mesh(sizes, devices)
+    model = Transformer(model_cfg)
+    optimizer = train.make_optimizer(model_cfg, train_cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+        state, shardings = train.create_state(model, optimizer, train_cfg.seed, mesh)
+        step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, sharding.global_batch(mesh, batch))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+MODEL = config.preset("tiny").replace(vocab_size=350, max_len=32)
+TRAIN = config.TrainConfig(warmup_steps=10, learning_rate_scale=5.0)
+
+
+def test_a_few_steps_reduce_the_loss(batches):
+    losses, _ = _run_steps(MODEL, TRAIN, batches * 3)
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def _assert_params_close(a, b, atol):
+    """Compares parameters after a few Adam steps. Adam's first steps move every
+    parameter by about the learning rate whatever the size of its gradient, so
+    near-zero gradients turn summation-order rounding into visible differences;
+    hence a tolerance well below the step size, not float precision. Attention key
+    biases are skipped: softmax ignores them (q.b is the same for every key), their
+    gradient is pure rounding noise."""
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        if "['key']['bias']" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(x, y, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("mesh_spec", ["data:8", "data:4,tensor:2", "data:2,fsdp:4"])
+def test_eight_devices_give_the_same_losses_as_one(batches, mesh_spec):
+    one, params_one = _run_steps(MODEL, TRAIN, batches)
+    eight, params_eight = _run_steps(MODEL, TRAIN, batches, mesh_spec, jax.devices()[:8])
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    _assert_params_close(params_one, params_eight, atol=2e-3)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(batches):
+    model_cfg = MODEL.replace(dropout=0.0)
+    model = Transformer(model_cfg)
+    batch = jax.tree.map(jnp.asarray, batches[0])
+    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"], batch["targets"])["params"])
+    grads = jax.jit(train._gradient_sums, static_argnums=(3, 4))
+    whole, sums_whole = grads(params, batch, jax.random.key(1), model, TRAIN)
+    split, sums_split = grads(
+        params, batch, jax.random.key(1), model, TRAIN.replace(grad_accum_steps=4)
+    )
+    for key in sums_whole:
+        assert float(sums_split[key]) == pytest.approx(float(sums_whole[key]), rel=1e-5)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(whole))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale)
+    # And through the whole step: the same losses.
+    one, _ = _run_steps(model_cfg, TRAIN, batches[:2])
+    four, _ = _run_steps(model_cfg, TRAIN.replace(grad_accum_steps=4), batches[:2])
+    np.testing.assert_allclose(four, one, rtol=1e-5)
+
+
+def test_non_finite_steps_leave_the_state_unchanged(batches):
+    model = Transformer(MODEL)
+    optimizer = train.make_optimizer(MODEL, TRAIN)
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:1", 1), jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        state, shardings = train.create_state(model, optimizer, 0, mesh)
+        step = train.jit_train_step(model, optimizer, TRAIN, mesh, shardings)
+        poisoned = jax.tree.map(
+            lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 else p, state.params
+        )
+        before = jax.device_get(poisoned)
+        state = state.replace(params=poisoned)
+        state, metrics = step(state, sharding.global_batch(mesh, batches[0]))
+    assert int(metrics["nonfinite"]) == 1 and int(state.step) == 1
+    for a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# The entry point, end to end (subprocesses, tiny model, sample corpus)
+# ----------------------------------------------------------------------------
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+
+
+def _wmt(*args, check=True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.wmt", *args], capture_output=True, text=True, env=env
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def _tiny_args(ding_sample, workdir, steps):
+    return [
+        f"--manual_dir={ding_sample.manual_dir}",
+        f"--data_dir={ding_sample.data_dir}",
+        "--dataset=ding_de_en",
+        "--direction=de-en",
+        "--preset=tiny",
+        "--vocab_size=350",
+        "--max_len=32",
+        "--row_length=32",
+        "--batch_rows=8",
+        f"--steps={steps}",
+        "--warmup_steps=10",
+        "--log_every=1",
+        "--eval_every=0",
+        "--eval_bleu_sentences=0",
+        "--final_eval_split=",
+        "--checkpoint_every=4",
+        "--checkpoint_minutes=0",
+        f"--workdir={workdir}",
+    ]
+
+
+def _losses(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
+def test_a_stopped_run_resumes_where_it_stopped(ding_sample, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _wmt(*_tiny_args(ding_sample, straight, 12))
+    _wmt(*_tiny_args(ding_sample, resumed, 6))
+    second = _wmt(*_tiny_args(ding_sample, resumed, 12))
+    assert "resumed from step 6" in second.stdout
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == list(range(1, 13))
+    np.testing.assert_allclose(
+        [got[s] for s in range(7, 13)], [expected[s] for s in range(7, 13)], rtol=1e-6
+    )
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["step"] == 12 and results["validation_loss"] < 6.0
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))
+def test_every_shipped_flagfile_validates(name):
+    result = _wmt(f"--flagfile={os.path.join(CONFIGS, name)}", "--check_only")
+    configs = json.loads(result.stdout)
+    assert configs["model"]["vocab_size"] > 0 and configs["train"]["steps"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset=huge"], "--preset"),
+        (["--steps=-5"], "steps must be a positive integer"),
+        (["--d_model=30"], "not divisible by --num_heads"),
+        (["--dataset=wmt99"], "--dataset"),
+        (["--dataset=ding_de_en", "--direction=fr-en"], "direction must be de-en or en-de"),
+        (["--batching=packed", "--max_len=512", "--row_length=256"], "row_length"),
+        (["--mesh=data:3"], "has 3 devices but there are 1"),
+        (["--mesh=data:-1,tensor:2"], "does not divide the 1 devices"),
+        (["--mesh=model:2"], "mesh axis 'model' unknown"),
+        (["--label_smoothing=1.5"], "label_smoothing"),
+        ([], "--workdir is required"),
+    ],
+)
+def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):
+    workdir = [] if args == [] else [f"--workdir={tmp_path}"]
+    result = _wmt(*args, *workdir, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert message in lines[0] and lines[0].startswith("experiments.wmt: error:")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
+    _wmt(*_tiny_args(ding_sample, tmp_path, 2))
+    result = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--d_ff=128", check=False)
+    assert result.returncode == 1
+    assert "different config (d_ff)" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,142 @@
+"""Checkpoints with orbax: the train state in parts, saved asynchronously, resumed by default.
+
+A checkpoint is a folder `<workdir>/checkpoints/<step>` with three items:
+  params     the model parameters (all that translation needs)
+  opt_state  the optimizer state
+  meta       JSON: step, dropout key, the data iterator's state
+Orbax writes each save to a temporary folder and renames it when complete,
+so a run killed mid-save leaves no half checkpoint behind under a step name.
+
+Where a run starts (written once, here and in train.py):
+  1. the latest checkpoint in the workdir (resume, the default);
+  2. else --init_from, a checkpoint whose parameters start a new run;
+  3. else a fresh initialization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+CHECKPOINTS = "checkpoints"
+ITEMS = ("params", "opt_state", "meta")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message names it and what to do."""
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+    return epath.Path(workdir) / CHECKPOINTS
+
+
+def manager(
+    workdir, keep: int | None = None, *, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The workdir's CheckpointManager; keeps the last `keep` checkpoints."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    params: Any
+    opt_state: Any | None
+    meta: dict
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+    """Starts an (asynchronous) save of the state at `step`."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(_jsonable(meta)),
+    )
+    mngr.save(step, args=args, force=True)
+
+
+def _jsonable(meta: dict) -> dict:
+    return json.loads(json.dumps(meta, default=lambda x: np.asarray(x).tolist()))
+
+
+def restore(
+    mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None
+) -> Restored:
+    """Restores `step` into the shardings of the abstract trees (opt_state optional).
+
+    Raises CheckpointError naming the checkpoint when it is unreadable or its
+    arrays do not match the model.
+    """
+    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    path = mngr.directory / str(step)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {reason}") from e
+    _check_shapes(path, abstract_params, restored["params"])
+    return Restored(step, restored["params"], restored.get("opt_state"), restored["meta"])
+
+
+def _check_shapes(path, expected, restored) -> None:
+    for (key, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(expected),
+        jax.tree_util.tree_leaves(restored),
+        strict=True,
+    ):
+        if tuple(want.shape) != tuple(got.shape):
+            raise CheckpointError(
+                f"checkpoint {path} holds {jax.tree_util.keystr(key)} of shape {got.shape}, "
+                f"the model expects {want.shape}: it belongs to a different model config"
+            )
+
+
+def restore_latest(
+    mngr, abstract_params, abstract_opt_state=None, *, fallback: bool = False
+) -> Restored | None:
+    """The newest checkpoint, or None if there is none.
+
+    An unreadable newest checkpoint is an error; with `fallback` the previous
+    ones are tried in turn (nothing is deleted).
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            return restore(mngr, step, abstract_params, abstract_opt_state)
+        except CheckpointError as e:
+            if not fallback:
+                hint = (
+                    f"; rerun with --fallback_checkpoint to start from step {steps[i + 1]}"
+                    if i + 1 < len(steps)
+                    else ""
+                )
+                raise CheckpointError(f"{e}{hint}") from e
+            logging.warning("%s; trying the previous checkpoint", e)
+    if steps:
+        raise CheckpointError(f"no readable checkpoint in {mngr.directory}")
+    return None
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs (with shardings) of a tree, for restoring into."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

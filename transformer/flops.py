@@ -1,0 +1,87 @@
+"""Analytic FLOPs of a training step, and the device peak they are compared with (MFU).
+
+Counts are matrix multiplications only (2 FLOPs per multiply-add), as in the
+usual MFU definition; a training step is 3x the forward pass (forward,
+gradient with respect to activations, gradient with respect to weights).
+Attention scores are counted over the full padded length of a row, which is
+what the hardware computes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from transformer.config import ModelConfig
+
+# Dense bf16 peak per chip (datasheets), by jax device_kind prefix.
+DATASHEET_PEAK = {
+    "TPU v2": 45e12 / 2,  # per core
+    "TPU v3": 123e12 / 2,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA V100": 125e12,
+    "Tesla V100": 125e12,
+    "Tesla P100": 18.7e12,
+}
+
+
+def forward_flops(c: ModelConfig, rows: int, source_len: int, target_len: int) -> float:
+    """Matmul FLOPs of one teacher-forced forward pass over [rows, length] batches."""
+    d, h = c.d_model, c.num_heads
+    qk, v = h * c.d_k, h * c.d_v
+    projections = 2 * d * (2 * qk + v) + 2 * v * d  # Q, K, V and output, per token
+    feed_forward = 4 * d * c.d_ff
+
+    def scores(queries, keys):  # QK^T and weights x V, per row
+        return 2 * queries * keys * (qk + v)
+
+    s, t = source_len, target_len
+    encoder = c.num_encoder_layers * (s * (projections + feed_forward) + scores(s, s))
+    cross = t * (2 * d * qk + 2 * v * d) + s * 2 * d * (qk + v) + scores(t, s)
+    decoder = c.num_decoder_layers * (t * (projections + feed_forward) + scores(t, t) + cross)
+    logits = 2 * t * d * c.vocab_size
+    return float(rows * (encoder + decoder + logits))
+
+
+def train_step_flops(c: ModelConfig, rows: int, source_len: int, target_len: int) -> float:
+    return 3.0 * forward_flops(c, rows, source_len, target_len)
+
+
+def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted square matmul on the default device (median of repeats).
+
+    bfloat16 inputs accumulate in float32, as the model's matmuls do.
+    """
+    x = jnp.ones((size, size), jnp.dtype(dtype))
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    matmul(x, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(x, x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / sorted(times)[len(times) // 2]
+
+
+def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s of all devices, where the figure comes from)."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        for prefix, peak in DATASHEET_PEAK.items():
+            if device.device_kind.startswith(prefix):
+                return peak * jax.device_count(), f"datasheet {device.device_kind}"
+    # CPU (or an unknown accelerator): measure. All "devices" of a CPU share its cores.
+    count = 1 if device.platform == "cpu" else jax.device_count()
+    return measured_matmul_peak(dtype) * count, f"measured {dtype} matmul on {device.device_kind}"

@@ -1,0 +1,136 @@
+"""Sharding by names: a device Mesh with axes (data, fsdp, tensor) and one rules table.
+
+Every parameter and key activation carries logical axis names (model.py);
+the rules below map them to mesh axes. The mesh shape alone selects the
+parallelism, from the same rules:
+
+  data:-1                 pure data parallelism (the default): params replicated
+  data:2,fsdp:4           batch over all 8 devices, params sharded on `embed` over fsdp
+  data:2,tensor:4         heads, feed-forward width and vocabulary split over tensor
+
+Model code never mentions a device count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from transformer.config import ConfigError, ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Parameters use `embed` for FSDP; activations keep
+# their `embed` axis whole (their batch axis already uses fsdp).
+PARAM_RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+)
+ACTIVATION_RULES = tuple((name, None if name == "embed" else axes) for name, axes in PARAM_RULES)
+
+
+def parse_mesh(spec: str, device_count: int) -> dict[str, int]:
+    """'data:-1,tensor:2' -> {'data': 4, 'fsdp': 1, 'tensor': 2} for 8 devices.
+
+    One axis may be -1 (all remaining devices); unnamed axes have size 1.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    if not re.fullmatch(r"\s*\w+:-?\d+(\s*,\s*\w+:-?\d+)*\s*", spec or ""):
+        raise ConfigError(f"mesh must look like 'data:-1,fsdp:1,tensor:1', got {spec!r}")
+    given = [part.split(":") for part in spec.replace(" ", "").split(",")]
+    for name, size in given:
+        if name not in MESH_AXES:
+            raise ConfigError(f"mesh axis {name!r} unknown; use {', '.join(MESH_AXES)}")
+        sizes[name] = int(size)
+    wildcard = [name for name, size in sizes.items() if size == -1]
+    if len(wildcard) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ConfigError(f"mesh sizes must be positive, with at most one -1; got {spec!r}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if wildcard:
+        if device_count % fixed:
+            raise ConfigError(f"mesh {spec!r} does not divide the {device_count} devices")
+        sizes[wildcard[0]] = device_count // fixed
+    if math.prod(sizes.values()) != device_count:
+        raise ConfigError(
+            f"mesh {spec!r} has {math.prod(sizes.values())} devices but there are "
+            f"{device_count}; use -1 for one axis to take the rest"
+        )
+    return sizes
+
+
+def check_divisibility(sizes: dict[str, int], model: ModelConfig, batch_rows: int) -> None:
+    """Every sharded dimension must split evenly; say which one does not."""
+    checks = [
+        ("batch rows", batch_rows, sizes["data"] * sizes["fsdp"], "data x fsdp"),
+        ("d_model", model.d_model, sizes["fsdp"], "fsdp"),
+        ("num_heads", model.num_heads, sizes["tensor"], "tensor"),
+        ("d_ff", model.d_ff, sizes["tensor"], "tensor"),
+        ("vocab_size", model.vocab_size, sizes["tensor"], "tensor"),
+    ]
+    for what, value, parts, axes in checks:
+        if value % parts:
+            raise ConfigError(
+                f"{what} ({value}) is not divisible by the {axes} mesh size ({parts})"
+            )
+
+
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+    """A Mesh over all (global) devices with the axes of MESH_AXES."""
+    devices = jax.devices() if devices is None else devices
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - unusual topologies: fall back to device order
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_shardings(mesh: Mesh, logical_specs: Any, rules=PARAM_RULES) -> Any:
+    """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch are split over the data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded by rows over (data, fsdp)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def sharded_init(
+    init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
+) -> tuple[Any, Any]:
+    """Runs `init_fn(rng)` straight into its shardings; returns (tree, shardings).
+
+    `init_fn` returns a pytree whose leaves may be nn.LogicallyPartitioned
+    (boxed with logical names). The shapes come from jax.eval_shape, so
+    nothing is materialized on one device first.
+    """
+    abstract = jax.eval_shape(init_fn, rng)
+    specs = nn.get_partition_spec(abstract)
+    shardings = logical_shardings(mesh, specs)
+    with nn.logical_axis_rules(ACTIVATION_RULES):
+        tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return tree, shardings

@@ -1,0 +1,145 @@
+"""Text in, text out: batching by length, long inputs, order preserved.
+
+`Translator.translate(texts)` encodes every text, sorts by length, decodes
+batches under a token budget with beam search (transformer/decoding.py), and
+returns one translation per input text, in input order. An empty text gives an
+empty translation. A text longer than the model's maximum length is split at
+sentence ends (else at spaces, else anywhere) into pieces that fit, which are
+translated separately and joined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from transformer import sharding
+from transformer.config import EOS_ID
+from transformer.data.batching import bucket_length, default_boundaries
+from transformer.data.vocab import Vocabulary
+from transformer.model import Transformer
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+@dataclasses.dataclass
+class Translator:
+    model: Transformer
+    params: Any
+    vocab: Vocabulary
+    beam_size: int = 4
+    alpha: float = 0.6
+    tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
+    mesh: Mesh | None = None
+    on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
+
+    @property
+    def max_source_tokens(self) -> int:
+        return self.model.config.max_len - 1  # room for EOS
+
+    def translate(self, texts: list[str]) -> list[str]:
+        """One translation per text, in order."""
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            parts = split_long(text, self.vocab, self.max_source_tokens)
+            if len(parts) > 1 and self.on_split is not None:
+                self.on_split(i, len(parts))
+            pieces += parts
+            owner += [i] * len(parts)
+        translated = self._translate_pieces(pieces)
+        joined: list[list[str]] = [[] for _ in texts]
+        for i, out in zip(owner, translated, strict=True):
+            if out:
+                joined[i].append(out)
+        return [" ".join(parts) for parts in joined]
+
+    def _translate_pieces(self, texts: list[str]) -> list[str]:
+        ids = [
+            self.vocab.encode(t)[: self.max_source_tokens] + [EOS_ID] if t.strip() else []
+            for t in texts
+        ]
+        out = [""] * len(texts)
+        for batch_indices, batch in self._batches(ids):
+            tokens = self._decode(batch)
+            for i, row in zip(batch_indices, tokens, strict=False):
+                out[i] = self.vocab.decode(row)
+        return out
+
+    def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(text indices, [R, S] ids) under the token budget, shortest texts first."""
+        order = [i for i in np.argsort([len(x) for x in ids], kind="stable") if ids[i]]
+        bounds = default_boundaries(self.model.config.max_len)
+        multiple = _row_multiple(self.mesh)
+        start = 0
+        while start < len(order):
+            length = bucket_length(len(ids[order[start]]), bounds)
+            rows = max(multiple, self.tokens_per_batch // length // multiple * multiple)
+            chosen = order[start : start + rows]
+            length = bucket_length(max(len(ids[i]) for i in chosen), bounds)
+            batch = np.zeros((-(-len(chosen) // multiple) * multiple, length), np.int32)
+            for r, i in enumerate(chosen):
+                batch[r, : len(ids[i])] = ids[i]
+            yield chosen, batch
+            start += len(chosen)
+
+    def _decode(self, batch: np.ndarray) -> np.ndarray:
+        if self.mesh is None:
+            inputs = jnp.asarray(batch)
+        else:
+            inputs = jax.make_array_from_callback(
+                batch.shape, sharding.batch_sharding(self.mesh), lambda index: batch[index]
+            )
+        from transformer import decoding  # TODO move up
+
+        tokens = decoding.translate(
+            self.model, self.params, inputs, beam_size=self.beam_size, alpha=self.alpha
+        )
+        if self.mesh is not None and jax.process_count() > 1:
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        return np.asarray(tokens)
+
+
+def _row_multiple(mesh: Mesh | None) -> int:
+    if mesh is None:
+        return 1
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def split_long(text: str, vocab: Vocabulary, max_tokens: int) -> list[str]:
+    """Pieces of `text` of at most max_tokens tokens each: at sentence ends, spaces, or anywhere."""
+    if len(vocab.encode(text)) <= max_tokens:
+        return [text]
+    for pattern in (_SENTENCE_END, re.compile(r"\s+")):
+        parts = [p for p in pattern.split(text) if p]
+        if len(parts) > 1:
+            return _group(parts, vocab, max_tokens)
+    half = len(text) // 2  # no space at all: cut the characters in halves
+    return split_long(text[:half], vocab, max_tokens) + split_long(text[half:], vocab, max_tokens)
+
+
+def _group(parts: list[str], vocab: Vocabulary, max_tokens: int) -> list[str]:
+    """Joins consecutive parts while they fit; splits parts that alone are too long."""
+    pieces, current = [], ""
+    for part in parts:
+        candidate = f"{current} {part}" if current else part
+        if len(vocab.encode(candidate)) <= max_tokens:
+            current = candidate
+            continue
+        if current:
+            pieces.append(current)
+        if len(vocab.encode(part)) <= max_tokens:
+            current = part
+        else:
+            pieces += split_long(part, vocab, max_tokens)
+            current = ""
+    if current:
+        pieces.append(current)
+    return pieces
