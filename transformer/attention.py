@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer.config import ModelConfig
+from transformer.matmul import matmul
 
 _NEG_INF = -1e10  # large and finite: a fully masked row gives uniform weights, not NaN
 
@@ -70,7 +71,10 @@ def dot_product_attention_weights(
     query [B, T, N, K], key [B, S, N, K], mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
     """
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
-    logits = jnp.einsum("BTNK,BSNK->BNTS", query, key, preferred_element_type=jnp.float32)
+    # Heads-major operands make both this matmul and its gradients plain batched
+    # matmuls, which every backend runs in the compute dtype.
+    query, key = query.transpose(0, 2, 1, 3), key.transpose(0, 2, 1, 3)  # [B, N, T|S, K]
+    logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
     if mask is not None:
         logits = jnp.where(mask, logits, _NEG_INF)
     return jax.nn.softmax(logits, axis=-1)
@@ -93,10 +97,8 @@ def dot_product_attention(
     """
     weights = dot_product_attention_weights(query, key, mask)
     dropped = weights if dropout is None else dropout(weights, deterministic=deterministic)
-    out = jnp.einsum(
-        "BNTS,BSNV->BTNV", dropped.astype(value.dtype), value, preferred_element_type=jnp.float32
-    )
-    return out, weights
+    out = matmul("BNTS,BNSV->BNTV", dropped, value.transpose(0, 2, 1, 3), value.dtype)
+    return out.transpose(0, 2, 1, 3), weights  # [B, T, N, V]
 
 
 def fused_attention(
@@ -116,13 +118,6 @@ def fused_attention(
 # ----------------------------------------------------------------------------
 # Projections
 # ----------------------------------------------------------------------------
-
-
-def matmul(equation: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """einsum with inputs cast to the compute dtype and float32 accumulation/output."""
-    return jnp.einsum(
-        equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
-    )
 
 
 def _glorot(in_axis, out_axis):
@@ -255,7 +250,10 @@ class MultiHeadAttention(nn.Module):
         query = query.reshape(key.shape[0], group * length, *query.shape[2:])
         needs_weights = self.is_mutable_collection("intermediates")
         uses_dropout = self.config.attention_dropout > 0 and not deterministic
-        if needs_weights or uses_dropout or key.shape[-1] != value.shape[-1]:
+        # The fused kernel pays only where there is one (cuDNN); elsewhere our einsums
+        # also keep the backward matmuls in the compute dtype (transformer/matmul.py).
+        fused = jax.default_backend() == "gpu" and key.shape[-1] == value.shape[-1]
+        if needs_weights or uses_dropout or not fused:
             out, weights = dot_product_attention(
                 query, key, value, mask, dropout=self.dropout, deterministic=deterministic
             )

@@ -26,11 +26,11 @@ from transformer.attention import (
     MultiHeadAttention,
     causal_mask,
     combine_masks,
-    matmul,
     padding_mask,
     segment_mask,
 )
 from transformer.config import BOS_ID, ModelConfig
+from transformer.matmul import matmul
 
 EMBED = ("batch", "length", "embed")
 
