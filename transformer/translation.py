@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from transformer import sharding
+from transformer import decoding, sharding
 from transformer.config import EOS_ID
 from transformer.data.batching import bucket_length, default_boundaries
 from transformer.data.vocab import Vocabulary
@@ -97,8 +97,6 @@ class Translator:
             inputs = jax.make_array_from_callback(
                 batch.shape, sharding.batch_sharding(self.mesh), lambda index: batch[index]
             )
-        from transformer import decoding  # TODO move up
-
         tokens = decoding.translate(
             self.model, self.params, inputs, beam_size=self.beam_size, alpha=self.alpha
         )

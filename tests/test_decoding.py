@@ -1,0 +1,300 @@
+"""Decoding: beam search against brute force on hand-set probabilities, greedy, the cache."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import decoding
+from transformer.config import BOS_ID, EOS_ID, PAD_ID
+from transformer.model import Transformer
+
+# A second-order Markov "model" over 6 tokens: P(next | before-previous, previous).
+# Its cache holds each hypothesis's previous tokens, so the search must reorder
+# the cache correctly for the probabilities to be right.
+V = 6
+A, B = 4, 5  # two ordinary tokens; 0 PAD, 1 EOS, 2 BOS, 3 UNK never produced
+
+
+def markov_table(seed: int, eos_bias: float = 0.0) -> np.ndarray:
+    """log P[before_previous, previous, next], with PAD/BOS/UNK never produced."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (V, V, V))
+    logits[..., EOS_ID] += eos_bias
+    logits[..., [PAD_ID, BOS_ID, 3]] = -np.inf
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def markov_search(table, batch, length):
+    """(step_fn, reorder_fn, cache) for the table, for `batch` hypotheses."""
+    table = jnp.asarray(table, jnp.float32)
+
+    def step_fn(cache, tokens, step):
+        history = jax.lax.dynamic_update_index_in_dim(cache, tokens[:, 0], step, axis=1)
+        before = jnp.where(step > 0, history[:, jnp.maximum(step - 1, 0)], BOS_ID)
+        return table[before, tokens[:, 0]], history
+
+    reorder = lambda cache, rows: cache[rows]  # noqa: E731
+    return step_fn, reorder, jnp.zeros((batch, length), jnp.int32)
+
+
+def brute_force(table, max_length, alpha):
+    """Every sequence ending in EOS of at most max_length tokens: the best by log P / lp."""
+    best, best_score = None, -np.inf
+    for n in range(1, max_length + 1):
+        for body in itertools.product([A, B], repeat=n - 1):
+            seq = (*body, EOS_ID)
+            logp, before, prev = 0.0, BOS_ID, BOS_ID
+            for token in seq:
+                logp += table[before, prev, token]
+                before, prev = prev, token
+            score = logp / ((5 + n) / 6) ** alpha
+            if score > best_score:
+                best, best_score = seq, score
+    return best, best_score
+
+
+def greedy_by_hand(table, max_length):
+    seq, before, prev = [], BOS_ID, BOS_ID
+    while True:
+        row = table[before, prev].copy()
+        if len(seq) + 1 == max_length:
+            row[np.arange(V) != EOS_ID] = -np.inf
+        token = int(np.argmax(row))
+        seq.append(token)
+        if token == EOS_ID:
+            return tuple(seq)
+        before, prev = prev, token
+
+
+def run_beam(table, max_lengths, beam_size, alpha, length=8, early_stop=True):
+    max_lengths = jnp.asarray(max_lengths)
+    step_fn, reorder, cache = markov_search(table, max_lengths.shape[0] * beam_size, length)
+    return decoding.beam_search(
+        step_fn,
+        reorder,
+        cache,
+        max_lengths,
+        length=length,
+        beam_size=beam_size,
+        alpha=alpha,
+        early_stop=early_stop,
+    )
+
+
+def trimmed(row) -> tuple:
+    row = list(np.asarray(row))
+    return tuple(row[: row.index(EOS_ID) + 1])
+
+
+def test_beam_search_finds_the_best_penalized_sequence_where_greedy_does_not():
+    seeds_where_greedy_differs = 0
+    for seed in range(12):
+        table = markov_table(seed)
+        expected, expected_score = brute_force(table, max_length=5, alpha=0.6)
+        tokens, scores, _ = run_beam(table, [5], beam_size=6, alpha=0.6)
+        assert trimmed(tokens[0]) == expected, seed
+        np.testing.assert_allclose(scores[0], expected_score, rtol=1e-5)
+        greedy = greedy_by_hand(table, 5)
+        if greedy != expected:
+            seeds_where_greedy_differs += 1
+            out = decoding.greedy_search(
+                markov_search(table, 1, 8)[0],
+                jnp.zeros((1, 8), jnp.int32),
+                jnp.asarray([5]),
+                length=8,
+            )
+            assert trimmed(out[0]) == greedy != expected
+    assert seeds_where_greedy_differs >= 2  # the tables do tell the two apart
+
+
+def test_length_penalty_changes_the_choice():
+    # From BOS: EOS at once is likely; a longer continuation is less likely in
+    # total but better per token: with alpha large enough the long one wins.
+    table = np.full((V, V, V), -np.inf)
+    table[..., EOS_ID] = np.log(0.55)
+    table[..., A] = np.log(0.45)
+    table[BOS_ID, A, :] = -np.inf
+    table[BOS_ID, A, A] = 0.0  # after A comes A for sure, then free again
+    table[A, A, :] = -np.inf
+    table[A, A, EOS_ID] = 0.0
+    short, _ = brute_force(table, 4, alpha=0.0)
+    long, _ = brute_force(table, 4, alpha=2.0)
+    assert short == (EOS_ID,) and long == (A, A, EOS_ID)
+    for alpha, expected in ((0.0, short), (2.0, long)):
+        tokens, _, _ = run_beam(table, [4], beam_size=2, alpha=alpha)
+        assert trimmed(tokens[0]) == expected
+
+
+def test_max_length_per_sentence_ends_with_eos():
+    table = markov_table(3, eos_bias=-30.0)  # EOS all but impossible: outputs reach the limit
+    tokens, _, _ = run_beam(table, [2, 5, 7], beam_size=3, alpha=0.6, length=7)
+    for row, limit in zip(np.asarray(tokens), [2, 5, 7], strict=True):
+        assert len(trimmed(row)) == limit
+        assert (row[limit:] == PAD_ID).all()
+    out = decoding.greedy_search(
+        markov_search(table, 3, 7)[0],
+        jnp.zeros((3, 7), jnp.int32),
+        jnp.asarray([2, 5, 7]),
+        length=7,
+    )
+    assert [len(trimmed(r)) for r in np.asarray(out)] == [2, 5, 7]
+
+
+def test_early_stop_stops_early_and_changes_nothing():
+    for seed in range(6):
+        table = markov_table(seed, eos_bias=1.0)  # sentences end soon: the bound can bite
+        early = run_beam(table, [8, 8], beam_size=4, alpha=0.6, length=8)
+        full = run_beam(table, [8, 8], beam_size=4, alpha=0.6, length=8, early_stop=False)
+        np.testing.assert_array_equal(early[0], full[0])
+        np.testing.assert_allclose(early[1], full[1])
+        assert int(full[2]) == 8
+        assert int(early[2]) < 8, seed
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_one_is_greedy_on_the_table(alpha):
+    for seed in range(6):
+        table = markov_table(seed)
+        tokens, _, _ = run_beam(table, [6], beam_size=1, alpha=alpha)
+        assert trimmed(tokens[0]) == greedy_by_hand(table, 6)
+
+
+# ----------------------------------------------------------------------------
+# The Transformer
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    model = Transformer(tiny)
+    x = jnp.ones((2, 6), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(3), x, x)["params"])
+    return model, params
+
+
+def sources(make_tokens):
+    x = np.array(make_tokens((3, 7)))
+    x[:, -1] = EOS_ID
+    x[1, 4:] = PAD_ID
+    x[1, 3] = EOS_ID
+    return jnp.asarray(x)
+
+
+def greedy_without_cache(model, params, inputs, length):
+    """Greedy decoding by running the full decoder on every prefix (no cache)."""
+    out = np.zeros((inputs.shape[0], 0), np.int32)
+    max_lengths = np.minimum(np.sum(np.asarray(inputs) != PAD_ID, axis=1) + 3, length)
+    done = np.zeros(inputs.shape[0], bool)
+    for step in range(length):
+        targets = np.concatenate([out, np.full((out.shape[0], 1), A)], axis=1)
+        logits = np.asarray(model.apply({"params": params}, inputs, jnp.asarray(targets)))
+        logits = logits[:, step].copy()
+        logits[step + 1 >= max_lengths, :] = -np.inf
+        logits[step + 1 >= max_lengths, EOS_ID] = 0
+        token = np.where(done, PAD_ID, logits.argmax(-1))
+        done |= token == EOS_ID
+        out = np.concatenate([out, token[:, None]], axis=1)
+    return out
+
+
+def test_cached_greedy_equals_uncached_greedy(tiny_model, make_tokens):
+    model, params = tiny_model
+    inputs = sources(make_tokens)
+    cached = decoding.decode(model, params, inputs, beam_size=1, max_extra=3)
+    length = decoding.output_length(model.config, inputs.shape[1], 3)
+    assert cached.shape == (3, length)
+    # Prefixes fed to the full forward pass contain PAD after EOS; the decoder
+    # masks PAD as a key, and those positions come after EOS, so only rows
+    # before EOS are compared.
+    uncached = greedy_without_cache(model, params, inputs, length)
+    for row_cached, row_full in zip(np.asarray(cached), uncached, strict=True):
+        assert trimmed(row_cached) == trimmed(row_full)
+
+
+def test_beam_one_equals_greedy_on_the_model(tiny_model, make_tokens):
+    model, params = tiny_model
+    inputs = sources(make_tokens)
+    greedy = decoding.decode(model, params, inputs, beam_size=1)
+    step_fn_tokens = decoding.translate(model, params, inputs, beam_size=1)
+    np.testing.assert_array_equal(greedy, step_fn_tokens)
+    beam_one = _beam_on_model(model, params, inputs, beam_size=1, alpha=0.6)
+    for a, b in zip(np.asarray(greedy), np.asarray(beam_one), strict=True):
+        assert trimmed(a) == trimmed(b)
+
+
+def _beam_on_model(model, params, inputs, beam_size, alpha):
+    """decoding.decode's beam path, also for beam_size 1."""
+    length = decoding.output_length(model.config, inputs.shape[1], 50)
+    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    _, variables = model.apply(
+        {"params": params},
+        encoded,
+        inputs.shape[0] * beam_size,
+        length,
+        method=Transformer.init_cache,
+        mutable=["cache"],
+    )
+
+    def step_fn(cache, tokens, step):
+        logits, v = model.apply(
+            {"params": params, "cache": cache},
+            inputs,
+            tokens,
+            step,
+            method=Transformer.decode_step,
+            mutable=["cache"],
+        )
+        return jax.nn.log_softmax(logits[:, 0]), v["cache"]
+
+    max_lengths = jnp.minimum(jnp.sum(inputs != PAD_ID, axis=1) + 50, length)
+    tokens, _, _ = decoding.beam_search(
+        step_fn,
+        decoding.reorder_self_attention,
+        variables["cache"],
+        max_lengths,
+        length=length,
+        beam_size=beam_size,
+        alpha=alpha,
+    )
+    return tokens
+
+
+def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens):
+    """Beam 4's hypothesis is never worse by the search's own score than greedy's."""
+    model, params = tiny_model
+    inputs = sources(make_tokens)
+    beam = np.asarray(decoding.translate(model, params, inputs, beam_size=4, alpha=0.6))
+    greedy = np.asarray(decoding.translate(model, params, inputs, beam_size=1))
+
+    def score(rows):
+        targets = jnp.asarray(rows)
+        logp = jax.nn.log_softmax(model.apply({"params": params}, inputs, targets))
+        picked = np.take_along_axis(np.asarray(logp), rows[..., None], axis=-1)[..., 0]
+        lengths = np.array([len(trimmed(r)) for r in rows])
+        mask = np.arange(rows.shape[1])[None] < lengths[:, None]
+        return (picked * mask).sum(1) / ((5 + lengths) / 6) ** 0.6
+
+    assert (score(beam) >= score(greedy) - 1e-4).all()
+
+
+def test_self_attention_cache_moves_and_cross_attention_cache_does_not(tiny_model):
+    model, params = tiny_model
+    inputs = jnp.ones((2, 5), jnp.int32)
+    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    _, variables = model.apply(
+        {"params": params}, encoded, 8, 6, method=Transformer.init_cache, mutable=["cache"]
+    )
+    cache = jax.tree_util.tree_map(
+        lambda x: jnp.arange(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1)) + 0 * x,
+        variables["cache"],
+    )
+    rows = jnp.array([1, 1, 0, 3, 7, 4, 4, 5])
+    moved = decoding.reorder_self_attention(cache, rows)
+    layer = moved["decoder"]["layer_0"]
+    np.testing.assert_array_equal(layer["self_attention"]["key"][:, 0, 0, 0], rows)
+    assert layer["cross_attention"]["key"].shape[0] == 2  # per source, not per beam
+    np.testing.assert_array_equal(layer["cross_attention"]["key"][:, 0, 0, 0], [0, 1])

@@ -1,0 +1,285 @@
+"""Greedy decoding and beam search over the cached decoder.
+
+The search itself (`beam_search`, `greedy_search`) knows nothing about the
+model: it calls `step_fn(cache, tokens [B*W, 1], step) -> (log_probs [B*W, V],
+cache)` once per output position and `reorder_fn(cache, index [B*W])` when
+beams change places. That keeps it testable with a scoring function written by
+hand, and `translate` plugs the Transformer into it.
+
+What the paper's decoder needs, and how it is done here:
+
+- Beam size 4 and the length penalty lp(len) = ((5 + len) / 6)^alpha with
+  alpha = 0.6 (from Wu et al., 2016): a finished hypothesis scores
+  log P(y) / lp(|y|), EOS included in the length.
+- At most source length + 50 output tokens per sentence, never more than the
+  model's max_len: at a sentence's last allowed position only EOS may follow.
+- A hypothesis ends when EOS is among the W best candidates of a step (so that
+  beam size 1 is exactly greedy decoding).
+- Early stop: log-probabilities only fall as a hypothesis grows and lp grows
+  with length, so a live beam can reach at best log P / lp(its max length).
+  A sentence is done once that bound of its best live beam is no better than
+  its best finished hypothesis, or once W hypotheses have ended (a full beam);
+  the loop ends when every sentence is done.
+- The cache: the decoder's self-attention keys/values grow by one position per
+  step and are the only state that follows the beams (gathered by beam index);
+  the encoder-decoder keys/values are projected once per source sentence, at
+  source batch size, and read by all of its beams (transformer/attention.py).
+  The cache is sized to what the batch needs: min(S + max_extra, max_len).
+
+Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from transformer.model import Transformer
+
+Cache = Any
+StepFn = Callable[[Cache, jax.Array, jax.Array], tuple[jax.Array, Cache]]
+ReorderFn = Callable[[Cache, jax.Array], Cache]
+
+NEG_INF = -1.0e9  # finite: -inf - -inf would make NaNs in comparisons of dead beams
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """((5 + length) / 6) ** alpha, the GNMT length normalisation."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _only_eos_at_last(log_probs: jax.Array, is_last: jax.Array) -> jax.Array:
+    """log_probs [B, W, V]; where is_last [B], every token but EOS becomes impossible."""
+    not_eos = jnp.arange(log_probs.shape[-1]) != EOS_ID
+    return jnp.where(is_last[:, None, None] & not_eos, NEG_INF, log_probs)
+
+
+def _previous_tokens(sequences: jax.Array, step: jax.Array) -> jax.Array:
+    """sequences [B, W, L] -> the token each hypothesis output at step - 1 (BOS at 0), [B, W]."""
+    previous = jax.lax.dynamic_index_in_dim(
+        sequences, jnp.maximum(step - 1, 0), axis=2, keepdims=False
+    )
+    return jnp.where(step == 0, BOS_ID, previous)
+
+
+def beam_search(
+    step_fn: StepFn,
+    reorder_fn: ReorderFn,
+    cache: Cache,
+    max_lengths: jax.Array,
+    *,
+    length: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    early_stop: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best hypothesis of each sentence under the length penalty.
+
+    max_lengths [B]: the most output tokens (EOS included) per sentence, each at
+    most `length`, the static size of the outputs. Returns (tokens [B, length],
+    ending with EOS and then PAD; scores [B], log P / lp; the number of steps
+    run). early_stop=False runs every sentence to its max length (for tests).
+    """
+    batch, width = max_lengths.shape[0], beam_size
+    max_lengths = jnp.clip(max_lengths, 1, length)
+    best_possible_lp = length_penalty(max_lengths, alpha)  # [B]
+
+    def body(state):
+        step, cache = state["step"], state["cache"]
+        tokens = _previous_tokens(state["alive"], step).reshape(batch * width, 1)
+        log_probs, cache = step_fn(cache, tokens, step)
+        log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
+        vocab = log_probs.shape[-1]
+        log_probs = _only_eos_at_last(log_probs, step + 1 >= max_lengths)
+        candidates = (state["alive_logp"][:, :, None] + log_probs).reshape(batch, width * vocab)
+        # 2W candidates: even if W of them end in EOS, W remain to continue.
+        scores, flat = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]
+        origin, token = flat // vocab, flat % vocab
+        sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
+        sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, step, axis=2)
+
+        # Only EOS among the W best candidates ends a hypothesis (as in fairseq):
+        # an EOS ranked below them would not have been in a beam of W.
+        in_beam = jnp.arange(2 * width) < width
+        possible = scores > NEG_INF / 2  # not an extension of a dead beam
+        ended = (token == EOS_ID) & in_beam & possible & ~state["done"][:, None]
+        final = jnp.where(ended, scores / length_penalty(step + 1, alpha), NEG_INF)
+        best = jnp.argmax(final, axis=1)  # [B]
+        best_final = jnp.take_along_axis(final, best[:, None], axis=1)[:, 0]
+        improves = best_final > state["score"]
+        finished = jnp.where(
+            improves[:, None],
+            jnp.take_along_axis(sequences, best[:, None, None], axis=1)[:, 0],
+            state["finished"],
+        )
+        score = jnp.where(improves, best_final, state["score"])
+        count = state["count"] + jnp.sum(ended, axis=1)
+
+        live_scores, keep = jax.lax.top_k(jnp.where(token == EOS_ID, NEG_INF, scores), width)
+        alive = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)  # [B, W, L]
+        parents = jnp.take_along_axis(origin, keep, axis=1)  # [B, W]
+        rows = (jnp.arange(batch)[:, None] * width + parents).reshape(-1)
+        cache = reorder_fn(cache, rows)
+        live_bound = live_scores[:, 0] / best_possible_lp
+        hopeless = ((score >= live_bound) | (count >= width)) if early_stop else False
+        done = state["done"] | hopeless | (step + 1 >= max_lengths)
+        return dict(
+            step=step + 1,
+            cache=cache,
+            alive=alive,
+            alive_logp=live_scores,
+            finished=finished,
+            score=score,
+            count=count,
+            done=done,
+        )
+
+    def cond(state):
+        return (state["step"] < length) & ~jnp.all(state["done"])
+
+    first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF)
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        alive=jnp.zeros((batch, width, length), jnp.int32),
+        alive_logp=jnp.broadcast_to(first_beam_only, (batch, width)),
+        finished=jnp.zeros((batch, length), jnp.int32),
+        score=jnp.full((batch,), NEG_INF, jnp.float32),
+        count=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+    )
+    state = jax.lax.while_loop(cond, body, state)
+    return state["finished"], state["score"], state["step"]
+
+
+def greedy_search(
+    step_fn: StepFn, cache: Cache, max_lengths: jax.Array, *, length: int
+) -> jax.Array:
+    """The most likely next token at every step until EOS: tokens [B, length], PAD after EOS."""
+    batch = max_lengths.shape[0]
+    max_lengths = jnp.clip(max_lengths, 1, length)
+
+    def body(state):
+        step, cache, out = state["step"], state["cache"], state["out"]
+        tokens = _previous_tokens(out[:, None], step).reshape(batch, 1)
+        log_probs, cache = step_fn(cache, tokens, step)
+        log_probs = _only_eos_at_last(log_probs[:, None], step + 1 >= max_lengths)[:, 0]
+        token = jnp.where(state["done"], PAD_ID, jnp.argmax(log_probs, axis=-1))
+        out = jax.lax.dynamic_update_index_in_dim(out, token.astype(jnp.int32), step, axis=1)
+        done = state["done"] | (token == EOS_ID)
+        return dict(step=step + 1, cache=cache, out=out, done=done)
+
+    def cond(state):
+        return (state["step"] < length) & ~jnp.all(state["done"])
+
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        out=jnp.zeros((batch, length), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+    )
+    return jax.lax.while_loop(cond, body, state)["out"]
+
+
+# ----------------------------------------------------------------------------
+# The Transformer plugged into the search
+# ----------------------------------------------------------------------------
+
+
+def reorder_self_attention(cache: Cache, rows: jax.Array) -> Cache:
+    """Gathers the hypotheses' rows of the self-attention keys/values only.
+
+    The cross-attention entries are per source sentence and shared by its
+    beams, so they never move.
+    """
+
+    def gather(path, leaf):
+        names = {getattr(key, "key", None) for key in path}
+        return jnp.take(leaf, rows, axis=0) if "self_attention" in names else leaf
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def output_length(config: ModelConfig, source_length: int, max_extra: int) -> int:
+    """Static output size for sources padded to source_length: min(S + max_extra, max_len)."""
+    return max(1, min(source_length + max_extra, config.max_len))
+
+
+def decode(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_extra: int = 50,
+) -> jax.Array:
+    """inputs [B, S] source ids (EOS-terminated, PAD after) -> output ids [B, L].
+
+    beam_size 1 decodes greedily. Rows of the output end with EOS, then PAD.
+    """
+    length = output_length(model.config, inputs.shape[1], max_extra)
+    width = beam_size
+    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    _, variables = model.apply(
+        {"params": params},
+        encoded,
+        inputs.shape[0] * width,
+        length,
+        method=Transformer.init_cache,
+        mutable=["cache"],
+    )
+
+    def step_fn(cache, tokens, step):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache},
+            inputs,
+            tokens,
+            step,
+            method=Transformer.decode_step,
+            mutable=["cache"],
+        )
+        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables["cache"]
+
+    source_lengths = jnp.sum(inputs != PAD_ID, axis=1)
+    max_lengths = jnp.minimum(source_lengths + max_extra, length)
+    if width == 1:
+        return greedy_search(step_fn, variables["cache"], max_lengths, length=length)
+    tokens, _, _ = beam_search(
+        step_fn,
+        reorder_self_attention,
+        variables["cache"],
+        max_lengths,
+        length=length,
+        beam_size=width,
+        alpha=alpha,
+    )
+    return tokens
+
+
+@functools.cache
+def _compiled(config: ModelConfig, beam_size: int, alpha: float, max_extra: int):
+    model = Transformer(config)
+    return jax.jit(
+        lambda params, inputs: decode(
+            model, params, inputs, beam_size=beam_size, alpha=alpha, max_extra=max_extra
+        )
+    )
+
+
+def translate(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_extra: int = 50,
+) -> jax.Array:
+    """`decode`, jitted once per (model config, beam, alpha, input shape)."""
+    return _compiled(model.config, beam_size, float(alpha), max_extra)(params, inputs)
