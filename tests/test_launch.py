@@ -1,0 +1,518 @@
+"""Launch scripts: the gcloud commands they run, dry runs, bad input, the scripts run on VMs.
+
+The launchers run as real subprocesses with a fake `gcloud` first on PATH; it
+records its arguments (and, for scp, the archive's file names) as JSON lines.
+The bash that would run on the VMs runs here for real, in a scratch HOME.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+from launch import accelerators, remote  # noqa: E402
+from launch.cli import UserError  # noqa: E402
+
+BASE = "experiments/configs/wmt14_ende_base.flags"
+BIG = "experiments/configs/wmt14_ende_big.flags"
+
+FAKE_GCLOUD = """\
+#!{python}
+import json, os, sys, tarfile
+args = sys.argv[1:]
+record = {{"argv": args}}
+if "scp" in args:
+    archive = next(a for a in args if a.endswith(".tar.gz") and ":" not in a)
+    with tarfile.open(archive) as tar:
+        record["archive"] = tar.getnames()
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps(record) + "\\n")
+if "describe" in args:
+    default = "READY"  # a TPU VM's state; a queued resource's and an instance's differ
+    default = "ACTIVE" if "queued-resources" in args else default
+    default = "RUNNING" if "instances" in args else default
+    print(os.environ.get("FAKE_GCLOUD_STATE", default))
+sys.exit(int(os.environ.get("FAKE_GCLOUD_EXIT", "0")))
+"""
+
+
+class Gcloud:
+    """A fake gcloud in a temp dir, and the launchers run against it."""
+
+    def __init__(self, tmp_path: Path):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        script = bin_dir / "gcloud"
+        script.write_text(FAKE_GCLOUD.format(python=sys.executable))
+        script.chmod(0o755)
+        self.log = tmp_path / "gcloud_calls.jsonl"
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_GCLOUD_LOG": str(self.log),
+        }
+
+    def launch(self, module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """Runs `python -m launch.<module> ARGS` from the repository root."""
+        return subprocess.run(
+            [sys.executable, "-m", f"launch.{module}", *args],
+            cwd=REPO,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def calls(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def argvs(self) -> list[list[str]]:
+        return [call["argv"] for call in self.calls()]
+
+
+@pytest.fixture
+def gcloud(tmp_path) -> Gcloud:
+    return Gcloud(tmp_path)
+
+
+def tpu(gcloud: Gcloud, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """launch.tpu with a name and zone; asserts success."""
+    done = gcloud.launch("tpu", *args, "--name=ende", "--zone=us-central2-b", **env)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def option(argv: list[str], name: str) -> str:
+    """The value of --name=value in argv (exactly one)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+# ----------------------------------------------------------------------------
+# Accelerator types
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, hosts, version",
+    [
+        ("v4-8", 1, "tpu-ubuntu2204-base"),
+        ("v4-16", 2, "tpu-ubuntu2204-base"),
+        ("v4-32", 4, "tpu-ubuntu2204-base"),
+        ("v3-8", 1, "tpu-ubuntu2204-base"),
+        ("v5litepod-8", 1, "v2-alpha-tpuv5-lite"),
+        ("v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
+        ("v5e-4", 1, "v2-alpha-tpuv5-lite"),
+        ("v5p-8", 1, "v2-alpha-tpuv5"),
+        ("v5p-16", 2, "v2-alpha-tpuv5"),
+        ("v6e-8", 1, "v2-alpha-tpuv6e"),
+        ("v6e-32", 8, "v2-alpha-tpuv6e"),
+    ],
+)
+def test_accelerator_hosts_and_runtime(name, hosts, version):
+    tpu_type = accelerators.parse(name)
+    assert (tpu_type.hosts, tpu_type.runtime_version) == (hosts, version)
+
+
+def test_v5e_is_spelled_v5litepod_for_gcloud():
+    assert accelerators.parse("v5e-8").name == "v5litepod-8"
+
+
+@pytest.mark.parametrize("name", ["v4", "tpu-8", "v9-8", "v4-12", "v5litepod-6", "v4-8x"])
+def test_malformed_accelerator_types_are_refused(name):
+    with pytest.raises(UserError, match="accelerator_type"):
+        accelerators.parse(name)
+
+
+# ----------------------------------------------------------------------------
+# TPU commands
+# ----------------------------------------------------------------------------
+
+
+def test_create_v4_8(gcloud):
+    tpu(gcloud, "create", "--accelerator_type=v4-8", "--project=my-proj")
+    [argv] = gcloud.argvs()
+    assert argv[:5] == ["compute", "tpus", "tpu-vm", "create", "ende"]
+    assert option(argv, "zone") == "us-central2-b"
+    assert option(argv, "accelerator-type") == "v4-8"
+    assert option(argv, "version") == "tpu-ubuntu2204-base"
+    assert option(argv, "project") == "my-proj"
+    assert "--spot" not in argv
+
+
+def test_create_v5e_spot_with_runtime_override(gcloud):
+    tpu(gcloud, "create", "--accelerator_type=v5litepod-8", "--spot")
+    tpu(gcloud, "create", "--accelerator_type=v5e-8", "--version=v2-alpha-tpuv5-lite-next")
+    first, second = gcloud.argvs()
+    assert option(first, "accelerator-type") == "v5litepod-8"
+    assert option(first, "version") == "v2-alpha-tpuv5-lite"
+    assert "--spot" in first
+    assert option(second, "accelerator-type") == "v5litepod-8"
+    assert option(second, "version") == "v2-alpha-tpuv5-lite-next"
+
+
+def test_create_queued_resource(gcloud):
+    tpu(gcloud, "create", "--queued", "--spot", "--accelerator_type=v6e-8")
+    [argv] = gcloud.argvs()
+    assert argv[:5] == ["compute", "tpus", "queued-resources", "create", "ende"]
+    assert option(argv, "node-id") == "ende"
+    assert option(argv, "runtime-version") == "v2-alpha-tpuv6e"
+    assert option(argv, "accelerator-type") == "v6e-8"
+    assert "--spot" in argv
+
+
+def test_setup_clones_repo_and_installs_tpu_extra_on_all_workers(gcloud):
+    tpu(gcloud, "setup", "--repo=https://github.com/me/transformer-jax.git", "--ref=v1.0")
+    [argv] = gcloud.argvs()  # cloning: nothing is copied
+    assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "ende"]
+    assert option(argv, "worker") == "all"
+    script = option(argv, "command")
+    assert "git clone --quiet https://github.com/me/transformer-jax.git" in script
+    assert "fetch --quiet origin v1.0" in script
+    assert '/bin/pip" install' in script and '-e ".[tpu]"' in script
+
+
+def test_setup_copies_the_working_tree_to_all_workers(gcloud):
+    tpu(gcloud, "setup")
+    scp, ssh = gcloud.calls()
+    assert scp["argv"][:4] == ["compute", "tpus", "tpu-vm", "scp"]
+    assert "ende:transformer-jax.tar.gz" in scp["argv"]
+    assert option(scp["argv"], "worker") == "all"
+    files = set(scp["archive"])
+    assert {"launch/tpu.py", "experiments/wmt.py", BASE, "pyproject.toml"} <= files
+    assert not [f for f in files if f.startswith((".git/", ".venv/")) or "__pycache__" in f]
+    assert option(ssh["argv"], "worker") == "all"
+    assert 'tar -xzf "$HOME/transformer-jax.tar.gz"' in option(ssh["argv"], "command")
+
+
+def test_train_multi_host_passes_flagfile_and_gcs_workdir_to_every_worker(gcloud):
+    tpu(
+        gcloud,
+        "train",
+        "--accelerator_type=v4-32",
+        f"--flagfile={BIG}",
+        "--workdir=gs://bucket/ende_big",
+        "--data_dir=gs://bucket/tfds",
+        "--extra_flags=--mesh=data:-1 --eval_every=2000",
+    )
+    [argv] = gcloud.argvs()
+    assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "ende"]
+    assert option(argv, "worker") == "all"
+    script = option(argv, "command")
+    expected = (
+        f'nohup "$HOME/transformer-venv/bin/python" -m experiments.wmt --flagfile={BIG} '
+        "--workdir=gs://bucket/ende_big --data_dir=gs://bucket/tfds "
+        "--mesh=data:-1 --eval_every=2000 "
+        '>> "$HOME/train.log" 2>&1 < /dev/null &'
+    )
+    assert expected in script
+
+
+def test_up_creates_sets_up_and_trains_in_order(gcloud):
+    tpu(gcloud, "up", "--accelerator_type=v4-8", "--spot", "--workdir=gs://b/run")
+    create, scp, setup, train = gcloud.argvs()
+    assert create[3] == "create" and "--spot" in create
+    assert scp[3] == "scp"
+    assert '-e ".[tpu]"' in option(setup, "command")
+    assert "--workdir=gs://b/run" in option(train, "command")
+
+
+def test_up_queued_waits_for_the_queued_resource(gcloud):
+    tpu(gcloud, "up", "--queued", "--workdir=gs://b/run", "--repo=https://example.com/r.git")
+    create, describe, setup, train = gcloud.argvs()
+    assert create[2:4] == ["queued-resources", "create"]
+    assert describe[2:4] == ["queued-resources", "describe"]
+    assert option(setup, "worker") == option(train, "worker") == "all"
+
+
+@pytest.mark.parametrize(
+    "state, message", [("FAILED", "is FAILED"), ("WAITING_FOR_RESOURCES", "still WAITING")]
+)
+def test_up_queued_gives_up_on_failure_or_timeout(gcloud, state, message):
+    done = gcloud.launch(
+        "tpu", "up", "--name=ende", "--zone=z", "--queued", "--workdir=gs://b/run",
+        "--wait_minutes=0.0005", "--poll_seconds=0.01", FAKE_GCLOUD_STATE=state,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert message in done.stderr.splitlines()[-1]
+    assert [argv[3] for argv in gcloud.argvs()][:2] == ["create", "describe"]
+    assert "ssh" not in {argv[3] for argv in gcloud.argvs()}
+
+
+def test_logs_follow_worker_0(gcloud):
+    tpu(gcloud, "logs", "--follow", "--lines=20")
+    [argv] = gcloud.argvs()
+    assert option(argv, "worker") == "0"
+    assert option(argv, "command") == 'tail -n 20 -F "$HOME/train.log"'
+
+
+def test_status_describes_then_asks_worker_0(gcloud):
+    done = tpu(gcloud, "status")
+    describe, ssh = gcloud.argvs()
+    assert describe[2:5] == ["tpu-vm", "describe", "ende"]
+    assert option(ssh, "worker") == "0"
+    assert "TPU ende (v4-8): READY" in done.stdout
+
+
+def test_status_of_a_preempted_tpu_does_not_ssh(gcloud):
+    done = tpu(gcloud, "status", FAKE_GCLOUD_STATE="PREEMPTED")
+    assert [argv[3] for argv in gcloud.argvs()] == ["describe"]
+    assert "PREEMPTED" in done.stdout
+
+
+def test_stop_signals_every_worker(gcloud):
+    tpu(gcloud, "stop")
+    [argv] = gcloud.argvs()
+    assert option(argv, "worker") == "all"
+    assert 'kill -TERM "$pid"' in option(argv, "command")
+
+
+def test_delete_is_quiet(gcloud):
+    tpu(gcloud, "delete")
+    tpu(gcloud, "delete", "--queued")
+    vm, queued = gcloud.argvs()
+    assert vm[:5] == ["compute", "tpus", "tpu-vm", "delete", "ende"] and "--quiet" in vm
+    assert queued[2:4] == ["queued-resources", "delete"]
+    assert "--quiet" in queued and "--force" in queued
+
+
+def test_dry_run_prints_every_command_and_runs_none(gcloud):
+    done = tpu(gcloud, "up", "--dry_run", "--accelerator_type=v4-16", "--spot",
+               "--workdir=gs://b/run", "--data_dir=gs://b/tfds")  # fmt: skip
+    assert gcloud.calls() == []
+    lines = done.stdout.splitlines()
+    assert [line.split()[:5] for line in lines if line.startswith("gcloud")] == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "create"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+    ]
+    assert "--accelerator-type=v4-16" in lines[0] and "--spot" in lines[0]
+    assert "--workdir=gs://b/run" in lines[-1]
+    assert done.stderr == ""
+
+
+def test_a_failing_gcloud_stops_the_launch_with_one_line(gcloud):
+    done = gcloud.launch(
+        "tpu", "up", "--name=ende", "--zone=z", "--workdir=gs://b/r", FAKE_GCLOUD_EXIT="1"
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith(
+        "launch.tpu: error: exit status 1 from: gcloud compute tpus tpu-vm create ende"
+    )
+    assert len(gcloud.calls()) == 1  # nothing after the failed create
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["create", "--zone=z"], "--name"),
+        (["create", "--name=Ende_Base", "--zone=z"], "--name='Ende_Base'"),
+        (["create", "--name=ende"], "--zone"),
+        (["launch", "--name=ende", "--zone=z"], "invalid choice"),
+        (["create", "--name=ende", "--zone=z", "--accelerator_type=v4"], "accelerator_type"),
+        (["create", "--name=ende", "--zone=z", "--accelerator_type=tpu-8"], "accelerator_type"),
+        (["train", "--name=ende", "--zone=z", "--accelerator_type=v4-32",
+          "--workdir=/tmp/run", "--data_dir=gs://b/tfds"], "--workdir=/tmp/run"),
+        (["train", "--name=ende", "--zone=z", "--accelerator_type=v5litepod-16",
+          "--workdir=gs://b/run"], "--data_dir is missing"),
+        (["train", "--name=ende", "--zone=z", "--spot", "--workdir=runs/base"], "spot"),
+        (["train", "--name=ende", "--zone=z"], "--workdir is required"),
+        (["train", "--name=ende", "--zone=z", "--workdir=runs/base"], "absolute path"),
+        (["train", "--name=ende", "--zone=z", "--workdir=gs://b/r",
+          "--flagfile=experiments/configs/nope.flags"], "nope.flags not found"),
+        (["train", "--name=ende", "--zone=z", "--workdir=gs://b/r", "--extra_flags=steps=5"],
+         "not a flag"),
+        (["setup", "--name=ende", "--zone=z", "--ref=main"], "--ref needs --repo"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_1_with_one_line_and_runs_nothing(gcloud, args, message):
+    done = gcloud.launch("tpu", *args)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("launch.tpu: error: ")
+    assert message in done.stderr
+    assert gcloud.calls() == []
+
+
+def test_single_host_on_demand_may_use_a_local_workdir(gcloud):
+    tpu(gcloud, "train", "--accelerator_type=v5litepod-8", "--workdir=/home/me/runs/base")
+    assert "--workdir=/home/me/runs/base" in option(gcloud.argvs()[0], "command")
+
+
+# ----------------------------------------------------------------------------
+# GPU commands
+# ----------------------------------------------------------------------------
+
+
+def test_gpu_up_spot(gcloud):
+    done = gcloud.launch(
+        "gpu", "up", "--name=ende-gpu", "--zone=us-central1-a", "--spot",
+        "--machine_type=a2-highgpu-8g", "--gpu=nvidia-tesla-a100:8",
+        f"--flagfile={BASE}", "--workdir=gs://b/gpu", "--repo=https://example.com/r.git",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    create, setup, train = gcloud.argvs()
+    assert create[:4] == ["compute", "instances", "create", "ende-gpu"]
+    assert option(create, "machine-type") == "a2-highgpu-8g"
+    assert option(create, "accelerator") == "type=nvidia-tesla-a100,count=8"
+    assert option(create, "provisioning-model") == "SPOT"
+    assert option(create, "zone") == "us-central1-a"
+    assert setup[:3] == ["compute", "ssh", "ende-gpu"]
+    assert '-e ".[cuda]"' in option(setup, "command")
+    assert f"--flagfile={BASE} --workdir=gs://b/gpu" in option(train, "command")
+
+
+def test_gpu_start_status_and_delete(gcloud):
+    for command in ("start", "status", "delete"):
+        done = gcloud.launch("gpu", command, "--name=g", "--zone=z")
+        assert done.returncode == 0, done.stderr
+    start, describe, status_ssh, delete = gcloud.argvs()
+    assert start[:4] == ["compute", "instances", "start", "g"]
+    assert describe[:3] == ["compute", "instances", "describe"]
+    assert status_ssh[:2] == ["compute", "ssh"]
+    assert delete[:4] == ["compute", "instances", "delete", "g"] and "--quiet" in delete
+
+
+def test_gpu_bad_accelerator_spec(gcloud):
+    done = gcloud.launch("gpu", "create", "--name=g", "--zone=z", "--gpu=a100x8")
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
+    assert "launch.gpu: error: --gpu='a100x8'" in done.stderr
+    assert gcloud.calls() == []
+
+
+# ----------------------------------------------------------------------------
+# The scripts that run on the VMs
+# ----------------------------------------------------------------------------
+
+FAKE_TRAINER = """\
+#!/bin/bash
+# Stands in for the venv's python: records its arguments, "checkpoints" on SIGTERM.
+echo "$@" > "$HOME/args"
+if [ "$1" = "--fail" ]; then echo "experiments.wmt: error: --fail is not a flag"; exit 1; fi
+trap 'echo "checkpoint saved"; exit 0' TERM
+echo "training step 1"
+while true; do sleep 0.05; done
+"""
+
+
+def bash(script: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", script],
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def vm_home(tmp_path) -> Path:
+    """A HOME laid out as after setup, with a fake trainer as the venv's python."""
+    home = tmp_path / "home"
+    (home / "transformer-jax").mkdir(parents=True)
+    python = home / "transformer-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_TRAINER)
+    python.chmod(0o755)
+    yield home
+    pid_file = home / "train.pid"
+    if pid_file.exists():  # never leave the fake trainer behind
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(path: Path, text: str) -> None:
+    deadline = time.monotonic() + 10
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} never appeared in {path}"
+        time.sleep(0.05)
+
+
+def test_train_script_starts_once_in_the_background_and_stop_checkpoints(vm_home):
+    argv = remote.training_argv(BASE, "gs://b/run", None, ["--steps=10"])
+    started = bash(remote.train_script(argv, check_seconds=1), vm_home)
+    assert started.returncode == 0, started.stderr
+    assert "training started" in started.stdout
+    pid = int((vm_home / "train.pid").read_text())
+    _wait_for(vm_home / "args", "--steps=10")
+    assert (vm_home / "args").read_text().split() == argv[1:]
+
+    again = bash(remote.train_script(argv, check_seconds=1), vm_home)
+    assert "already running on" in again.stdout and str(pid) in again.stdout
+    assert f"training: running (pid {pid})" in bash(remote.status_script(), vm_home).stdout
+
+    stopped = bash(remote.stop_script(wait_seconds=20), vm_home)
+    assert stopped.returncode == 0 and "stopped on" in stopped.stdout
+    log = (vm_home / "train.log").read_text()
+    assert "start: python -m experiments.wmt" in log and "checkpoint saved" in log
+    assert "training: not running" in bash(remote.status_script(), vm_home).stdout
+    assert "checkpoint saved" in bash(remote.logs_script(5, follow=False), vm_home).stdout
+
+
+def test_train_script_fails_when_training_dies_at_once(vm_home):
+    done = bash(remote.train_script(["python", "--fail"], check_seconds=1), vm_home)
+    assert done.returncode == 1
+    assert "training exited at once" in done.stderr
+    assert "--fail is not a flag" in done.stderr  # the log's tail
+
+
+def test_setup_refuses_while_training_runs(vm_home):
+    bash(remote.train_script(remote.training_argv(BASE, "/w", None, []), 1), vm_home)
+    done = bash(remote.setup_script("tpu", "3.12", None, None), vm_home)
+    assert done.returncode == 1 and "run stop first" in done.stderr
+    assert (vm_home / "transformer-jax").is_dir()  # the code was not touched
+
+
+@pytest.mark.parametrize("repo, ref", [(None, None), ("https://x/r.git", None), ("git@x:r", "a b")])
+def test_every_remote_script_is_valid_bash(repo, ref):
+    scripts = [
+        remote.setup_script("cuda", "3.12", repo, ref),
+        remote.train_script(remote.training_argv(BASE, "gs://b/it's", "gs://b/d", ["--x=$y"])),
+        remote.stop_script(),
+        remote.logs_script(10, follow=True),
+        remote.status_script(),
+    ]
+    for script in scripts:
+        done = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, (script, done.stderr)
+
+
+def test_readme_commands_parse(gcloud):
+    """Every `python -m launch.*` command in launch/README.md is accepted (as a dry run)."""
+    text = (REPO / "launch" / "README.md").read_text()
+    commands = [c for c in _shell_commands(text) if c.startswith("python -m launch.")]
+    assert len(commands) >= 8
+    for command in commands:
+        words = shlex.split(command)[2:]
+        done = gcloud.launch(words[0].removeprefix("launch."), *words[1:], "--dry_run")
+        assert done.returncode == 0, (command, done.stderr)
+    assert gcloud.calls() == []
+
+
+def _shell_commands(markdown: str) -> list[str]:
+    """Commands in ```sh blocks, continuation lines joined, comments dropped."""
+    blocks, inside, current = [], False, []
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            inside = line.strip() == "```sh"
+            continue
+        if inside and not line.lstrip().startswith("#"):
+            current.append(line.strip())
+            if not line.rstrip().endswith("\\"):
+                blocks.append(" ".join(part.rstrip("\\").strip() for part in current))
+                current = []
+    return [b for b in blocks if b.strip()]
