@@ -56,5 +56,8 @@ def run(main: Callable[[list[str]], None]) -> None:
             return main(argv)
         except (ConfigError, UserError, DataError, CheckpointError) as e:
             fail(str(e))
+        except OSError as e:  # a full disk, a missing or unwritable path
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            fail(f"{e.strerror or e}{where}; check the path and free space, then rerun")
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -133,3 +133,72 @@ def sample_vocab(tmp_path_factory, ding_sample):
 
     workdir = tmp_path_factory.mktemp("vocab_workdir")
     return pipeline.vocabulary(ding_sample, str(workdir), 350, is_chief=True)
+
+
+# ----------------------------------------------------------------------------
+# A trained tiny model in a workdir, shared by the tests of the entry points
+# that load one (translate, evaluate, average, attention maps).
+# ----------------------------------------------------------------------------
+
+
+def tiny_training_args(ding_sample, workdir, steps: int, checkpoint_every: int = 4) -> list[str]:
+    """Flags of experiments.wmt for the tiny model on the sample corpus."""
+    return [
+        f"--manual_dir={ding_sample.manual_dir}",
+        f"--data_dir={ding_sample.data_dir}",
+        "--dataset=ding_de_en",
+        "--direction=de-en",
+        "--preset=tiny",
+        "--vocab_size=350",
+        "--max_len=32",
+        "--row_length=32",
+        "--batch_rows=8",
+        f"--steps={steps}",
+        "--warmup_steps=10",
+        "--log_every=1",
+        "--eval_every=0",
+        "--eval_bleu_sentences=0",
+        "--final_eval_split=",
+        f"--checkpoint_every={checkpoint_every}",
+        "--checkpoint_minutes=0",
+        f"--workdir={workdir}",
+    ]
+
+
+def run_module(module: str, *args: str, check: bool = True, stdin: bytes | None = None):
+    """Runs `python -m module args` on one CPU device; returns the CompletedProcess (bytes)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, env=env, input=stdin
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr.decode(errors="replace")[-3000:])
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, ding_sample):
+    """A workdir with the tiny model trained 240 steps, checkpoints at 80, 160, 240.
+
+    Built once for all test workers (a file lock in their shared temp folder).
+    """
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own folder below this
+        shared = shared.parent
+    workdir = shared / "trained_tiny"
+    with open(shared / "trained_tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "done").exists():
+            # The sample corpus of this worker: each worker builds its own copy.
+            run_module(
+                "experiments.wmt",
+                *tiny_training_args(ding_sample, workdir, 240, checkpoint_every=80),
+                "--warmup_steps=40",
+            )
+            (workdir / "done").write_text("")
+    return workdir

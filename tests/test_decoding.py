@@ -229,36 +229,11 @@ def test_beam_one_equals_greedy_on_the_model(tiny_model, make_tokens):
 def _beam_on_model(model, params, inputs, beam_size, alpha):
     """decoding.decode's beam path, also for beam_size 1."""
     length = decoding.output_length(model.config, inputs.shape[1], 50)
-    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-    _, variables = model.apply(
-        {"params": params},
-        encoded,
-        inputs.shape[0] * beam_size,
-        length,
-        method=Transformer.init_cache,
-        mutable=["cache"],
-    )
-
-    def step_fn(cache, tokens, step):
-        logits, v = model.apply(
-            {"params": params, "cache": cache},
-            inputs,
-            tokens,
-            step,
-            method=Transformer.decode_step,
-            mutable=["cache"],
-        )
-        return jax.nn.log_softmax(logits[:, 0]), v["cache"]
-
-    max_lengths = jnp.minimum(jnp.sum(inputs != PAD_ID, axis=1) + 50, length)
+    step_fn, cache = decoding.model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     tokens, _, _ = decoding.beam_search(
-        step_fn,
-        decoding.reorder_self_attention,
-        variables["cache"],
-        max_lengths,
-        length=length,
-        beam_size=beam_size,
-        alpha=alpha,
+        step_fn, decoding.reorder_self_attention, cache,
+        decoding.max_output_lengths(inputs, 50, length),
+        length=length, beam_size=beam_size, alpha=alpha,
     )
     return tokens
 

@@ -41,11 +41,12 @@ def manager(
     workdir, keep: int | None = None, *, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """The workdir's CheckpointManager; keeps the last `keep` checkpoints."""
+    # Reading only: nothing is created or cleaned up. (Orbax's own read_only
+    # option does the same but warns twice on every use.)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
-        read_only=read_only,
         create=not read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
@@ -66,7 +67,29 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) 
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(_jsonable(meta)),
     )
-    mngr.save(step, args=args, force=True)
+    try:
+        mngr.save(step, args=args, force=True)
+    except Exception as e:  # noqa: BLE001 - includes the failure of the previous async save
+        raise _write_error(mngr, step, e) from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the asynchronous save in flight; a failed write is a CheckpointError."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise _write_error(mngr, None, e) from e
+
+
+def _write_error(mngr: ocp.CheckpointManager, step: int | None, error: Exception):
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    complete = sorted(mngr.all_steps())
+    kept = f"the newest complete checkpoint is step {complete[-1]}" if complete else "none exists"
+    which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return CheckpointError(
+        f"cannot write {which} in {mngr.directory}: {reason}; {kept}. "
+        "Free space (or fix permissions) and rerun the same command to resume"
+    )
 
 
 def _jsonable(meta: dict) -> dict:

@@ -210,6 +210,33 @@ def output_length(config: ModelConfig, source_length: int, max_extra: int) -> in
     return max(1, min(source_length + max_extra, config.max_len))
 
 
+def model_step(model: Transformer, params: Any, inputs: jax.Array, hypotheses: int, length: int):
+    """(step_fn, cache) of the Transformer for `hypotheses` rows (a multiple of B).
+
+    Encodes the source once and projects its keys/values once per layer into
+    the cache; step_fn runs one decoder position and returns float32 log-probs.
+    """
+    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    _, variables = model.apply(
+        {"params": params}, encoded, hypotheses, length,
+        method=Transformer.init_cache, mutable=["cache"],
+    )  # fmt: skip
+
+    def step_fn(cache, tokens, step):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, inputs, tokens, step,
+            method=Transformer.decode_step, mutable=["cache"],
+        )  # fmt: skip
+        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables["cache"]
+
+    return step_fn, variables["cache"]
+
+
+def max_output_lengths(inputs: jax.Array, max_extra: int, length: int) -> jax.Array:
+    """Per sentence: its source length (non-PAD tokens) + max_extra, at most `length`."""
+    return jnp.minimum(jnp.sum(inputs != PAD_ID, axis=1) + max_extra, length)
+
+
 def decode(
     model: Transformer,
     params: Any,
@@ -224,41 +251,14 @@ def decode(
     beam_size 1 decodes greedily. Rows of the output end with EOS, then PAD.
     """
     length = output_length(model.config, inputs.shape[1], max_extra)
-    width = beam_size
-    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-    _, variables = model.apply(
-        {"params": params},
-        encoded,
-        inputs.shape[0] * width,
-        length,
-        method=Transformer.init_cache,
-        mutable=["cache"],
-    )
-
-    def step_fn(cache, tokens, step):
-        logits, variables = model.apply(
-            {"params": params, "cache": cache},
-            inputs,
-            tokens,
-            step,
-            method=Transformer.decode_step,
-            mutable=["cache"],
-        )
-        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables["cache"]
-
-    source_lengths = jnp.sum(inputs != PAD_ID, axis=1)
-    max_lengths = jnp.minimum(source_lengths + max_extra, length)
-    if width == 1:
-        return greedy_search(step_fn, variables["cache"], max_lengths, length=length)
+    step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
+    max_lengths = max_output_lengths(inputs, max_extra, length)
+    if beam_size == 1:
+        return greedy_search(step_fn, cache, max_lengths, length=length)
     tokens, _, _ = beam_search(
-        step_fn,
-        reorder_self_attention,
-        variables["cache"],
-        max_lengths,
-        length=length,
-        beam_size=width,
-        alpha=alpha,
-    )
+        step_fn, reorder_self_attention, cache, max_lengths,
+        length=length, beam_size=beam_size, alpha=alpha,
+    )  # fmt: skip
     return tokens
 
 

@@ -1,6 +1,6 @@
 """Text in, text out: batching by length, long inputs, order preserved.
 
-`Translator.translate(texts)` encodes every text, sorts by length, decodes
+`Translator.translate(texts)` encodes every distinct text, sorts by length, decodes
 batches under a token budget with beam search (transformer/decoding.py), and
 returns one translation per input text, in input order. An empty text gives an
 empty translation. A text longer than the model's maximum length is split at
@@ -54,7 +54,9 @@ class Translator:
                 self.on_split(i, len(parts))
             pieces += parts
             owner += [i] * len(parts)
-        translated = self._translate_pieces(pieces)
+        unique = list(dict.fromkeys(pieces))  # repeated lines are translated once
+        done = dict(zip(unique, self._translate_pieces(unique), strict=True))
+        translated = [done[p] for p in pieces]
         joined: list[list[str]] = [[] for _ in texts]
         for i, out in zip(owner, translated, strict=True):
             if out:

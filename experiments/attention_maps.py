@@ -1,0 +1,59 @@
+r"""Attention heatmaps of a trained model translating one sentence.
+
+  python -m experiments.attention_maps --workdir=DIR --sentence="Das Haus ist schön." \
+      [--out_dir=DIR/attention_maps] [--beam=4]
+
+Translates the sentence, then writes one PNG per attention layer (encoder
+self-attention, decoder self-attention, encoder-decoder attention), a panel per
+head, with the SentencePiece tokens on the axes, like the paper's Figures 3-5.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from experiments import cli, trained_flags
+from transformer import attention_maps
+from transformer.config import EOS_ID
+from transformer.translation import Translator
+
+SENTENCE = flags.DEFINE_string("sentence", None, "The sentence to translate and draw.")
+OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the PNGs go (default: in the workdir).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    if not SENTENCE.value or not SENTENCE.value.strip():
+        raise cli.UserError('--sentence is required, e.g. --sentence="Das Haus ist schön."')
+    model = trained_flags.load()
+    vocab, max_tokens = model.vocab, model.model.config.max_len - 1
+    source_ids = vocab.encode(SENTENCE.value)
+    if len(source_ids) > max_tokens:
+        raise cli.UserError(
+            f"--sentence has {len(source_ids)} tokens; the model takes at most {max_tokens}"
+        )
+    translator = Translator(
+        model.model, model.params, vocab,
+        beam_size=trained_flags.BEAM.value, alpha=trained_flags.ALPHA.value,
+    )
+    translation = translator.translate([SENTENCE.value])[0]
+    target_ids = vocab.encode(translation)[:max_tokens]
+    out_dir = OUT_DIR.value or os.path.join(trained_flags.WORKDIR.value, "attention_maps")
+    paths = attention_maps.write_maps(
+        model.model,
+        model.params,
+        source_ids + [EOS_ID],
+        target_ids + [EOS_ID],
+        vocab.pieces(source_ids) + ["</s>"],
+        vocab.pieces(target_ids) + ["</s>"],
+        out_dir,
+    )
+    print(f"translation: {translation}")
+    print(f"wrote {len(paths)} attention maps to {out_dir}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,103 @@
+r"""Score a trained model: sacreBLEU, chrF and the paper-style tokenized BLEU.
+
+  python -m experiments.evaluate --workdir=DIR [--split=test] [--average_last=5]
+  python -m experiments.evaluate --workdir=DIR --source_file=src.txt --reference_file=ref.txt
+
+Translates a split of the workdir's dataset (or a source file), writes the
+hypotheses (one per line) and prints:
+  - sacreBLEU on detokenized, cased text (13a tokenization) with its signature,
+    the figure to compare with other work;
+  - chrF, with its signature;
+  - BLEU on Moses-tokenized text with compounds split at hyphens, as the paper
+    computed it, which is NOT comparable to sacreBLEU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+
+from experiments import cli, trained_flags
+from transformer import metrics
+from transformer.data import datasets, pipeline
+from transformer.translation import Translator
+
+SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
+SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file instead of a split.")
+REFERENCE_FILE = flags.DEFINE_string("reference_file", None, "References for --source_file.")
+LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N sentences (0: all).")
+HYPOTHESES = flags.DEFINE_string(
+    "hypotheses", None, "Where to write the translations (default: in the workdir)."
+)
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory, if not the training one.")
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").rstrip("\r") for line in f]
+    except OSError as e:
+        raise cli.UserError(f"{path} cannot be read: {e.strerror}") from e
+
+
+def pairs_from_files() -> tuple[list[str], list[str], str]:
+    if not REFERENCE_FILE.value:
+        raise cli.UserError("--source_file needs --reference_file")
+    sources, references = read_lines(SOURCE_FILE.value), read_lines(REFERENCE_FILE.value)
+    if len(sources) != len(references):
+        raise cli.UserError(
+            f"--source_file has {len(sources)} lines but --reference_file has "
+            f"{len(references)}; they must be line-aligned"
+        )
+    return sources, references, os.path.basename(SOURCE_FILE.value)
+
+
+def pairs_from_split(data) -> tuple[list[str], list[str], str]:
+    if SPLIT.value not in datasets.SPLITS:
+        raise cli.UserError(f"--split must be one of {', '.join(datasets.SPLITS)}")
+    source = datasets.load_split(data, SPLIT.value)
+    n = len(source) if not LIMIT.value else min(LIMIT.value, len(source))
+    pairs = pipeline.read_texts(source, range(n))
+    return [s for s, _ in pairs], [t for _, t in pairs], SPLIT.value
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    if LIMIT.value < 0:
+        raise cli.UserError(f"--limit must be >= 0, got {LIMIT.value}")
+    model = trained_flags.load()
+    data = model.data
+    if DATA_DIR.value:
+        data = data.replace(data_dir=DATA_DIR.value)
+    if SOURCE_FILE.value:
+        sources, references, name = pairs_from_files()
+        if LIMIT.value:
+            sources, references = sources[: LIMIT.value], references[: LIMIT.value]
+    else:
+        sources, references, name = pairs_from_split(data)
+    translator = Translator(
+        model.model, model.params, model.vocab,
+        beam_size=trained_flags.BEAM.value, alpha=trained_flags.ALPHA.value,
+    )
+    hypotheses = translator.translate(sources)
+    scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
+    tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"
+    out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
+    print(f"{name}: {len(sources)} sentences, {model.describe()}, beam {translator.beam_size}")
+    print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
+    print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")
+    print(
+        f"tokenized BLEU with compound splitting {scores['paper_bleu_tokenized']:.2f}  "
+        "(paper-style; not comparable to sacreBLEU)"
+    )
+    print(f"hypotheses: {out}")
+    print(json.dumps({"source": name, "steps": list(model.steps), **scores}))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,37 @@
+"""Flags shared by the entry points that use a trained model: which workdir and checkpoint."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from experiments.cli import UserError
+from transformer import trained
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The workdir that experiments.wmt trained in.")
+STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (default: latest).")
+AVERAGE_LAST = flags.DEFINE_integer(
+    "average_last", 0, "Average the parameters of the last K checkpoints (the paper: 5 or 20)."
+)
+BEAM = flags.DEFINE_integer("beam", 4, "Beam size (1: greedy decoding; the paper: 4).")
+ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty ((5 + len) / 6)^alpha (the paper: 0.6).")
+
+
+def check() -> None:
+    """Validates the shared flags: one line naming the flag on a bad value."""
+    if not WORKDIR.value:
+        raise UserError("--workdir is required: the directory experiments.wmt trained in")
+    if STEP.value is not None and AVERAGE_LAST.value:
+        raise UserError("give --step or --average_last, not both")
+    if STEP.value is not None and STEP.value < 0:
+        raise UserError(f"--step must be >= 0, got {STEP.value}")
+    if AVERAGE_LAST.value < 0:
+        raise UserError(f"--average_last must be >= 0, got {AVERAGE_LAST.value}")
+    if BEAM.value < 1:
+        raise UserError(f"--beam must be >= 1, got {BEAM.value}")
+    if ALPHA.value < 0:
+        raise UserError(f"--alpha must be >= 0, got {ALPHA.value}")
+
+
+def load() -> trained.Trained:
+    check()
+    return trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)

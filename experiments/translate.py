@@ -1,0 +1,153 @@
+r"""Translate text with a trained model, one output line per input line.
+
+  python -m experiments.translate --workdir=DIR < in.txt > out.txt
+  python -m experiments.translate --workdir=DIR --input=in.txt --output=out.txt \
+      [--step=N | --average_last=5] [--beam=4 --alpha=0.6]
+
+The workdir holds the model config, vocabulary and checkpoints, so nothing
+else is needed. Whatever the input, there is exactly one output line per input
+line, in order: an empty line gives an empty line; a line longer than the
+model's max length is translated in pieces (warned about on stderr); invalid
+UTF-8 is replaced by U+FFFD (warned about). Input is read and translated in
+chunks, so a file of any size runs in bounded memory; sentences within a chunk
+are batched by length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from typing import BinaryIO, TextIO
+
+from absl import flags
+
+from experiments import cli, trained_flags
+from transformer.translation import Translator
+
+INPUT = flags.DEFINE_string("input", None, "File to translate (default: stdin).")
+OUTPUT = flags.DEFINE_string("output", None, "File to write (default: stdout).")
+CHUNK_LINES = flags.DEFINE_integer(
+    "chunk_lines", 2000, "Lines read and translated at a time (bounds memory)."
+)
+TOKENS_PER_BATCH = flags.DEFINE_integer(
+    "tokens_per_batch", 4096, "Padded source tokens per decoding batch."
+)
+
+# Characters that would end a line in the output (a byte-fallback model can
+# produce them): each becomes a space so that line counts always match.
+_LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, str, bool]]]:
+    """Chunks of (line number, text, had invalid UTF-8) from a byte stream."""
+    chunk, number = [], 0
+    for raw in stream:
+        number += 1
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            chunk.append((number, raw.decode("utf-8"), False))
+        except UnicodeDecodeError:
+            chunk.append((number, raw.decode("utf-8", errors="replace"), True))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def one_line(text: str) -> str:
+    return _LINE_BREAKS.sub(" ", text)
+
+
+class ProgressBar:
+    """`[#####     ] 520/1000 lines, 43.2 lines/s` on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, total: int | None):
+        self.total, self.done, self.start = total, 0, time.monotonic()
+        self.redraw = sys.stderr.isatty()
+
+    def advance(self, lines: int) -> None:
+        self.done += lines
+        rate = self.done / max(time.monotonic() - self.start, 1e-9)
+        if self.total:
+            filled = int(30 * self.done / self.total)
+            bar = f"[{'#' * filled}{' ' * (30 - filled)}] {self.done}/{self.total}"
+        else:
+            bar = f"{self.done}"
+        end = "\r" if self.redraw and self.done != self.total else "\n"
+        print(f"{bar} lines, {rate:.1f} lines/s", end=end, file=sys.stderr, flush=True)
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def translate_stream(
+    translator: Translator, source: BinaryIO, sink: TextIO, chunk_lines: int, progress
+) -> int:
+    """Translates every line of `source` into `sink`; returns the number of lines."""
+    total = 0
+    for chunk in read_chunks(source, chunk_lines):
+        for number, _, invalid in chunk:
+            if invalid:
+                warn(f"line {number}: invalid UTF-8 replaced by U+FFFD")
+        numbers = [number for number, _, _ in chunk]
+        translator.on_split = lambda i, pieces, numbers=numbers: warn(
+            f"line {numbers[i]}: longer than the model's "
+            f"{translator.max_source_tokens} tokens, translated in {pieces} pieces"
+        )
+        outputs = translator.translate([text for _, text, _ in chunk])
+        sink.writelines(one_line(out) + "\n" for out in outputs)
+        sink.flush()
+        total += len(chunk)
+        if progress is not None:
+            progress.advance(len(chunk))
+    return total
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}; text comes on stdin or --input")
+    if CHUNK_LINES.value < 1 or TOKENS_PER_BATCH.value < 1:
+        raise cli.UserError("--chunk_lines and --tokens_per_batch must be positive")
+    if INPUT.value is not None:
+        try:
+            open(INPUT.value, "rb").close()
+        except OSError as e:
+            raise cli.UserError(f"--input={INPUT.value} cannot be read: {e.strerror}") from e
+    model = trained_flags.load()
+    translator = Translator(
+        model.model,
+        model.params,
+        model.vocab,
+        beam_size=trained_flags.BEAM.value,
+        alpha=trained_flags.ALPHA.value,
+        tokens_per_batch=TOKENS_PER_BATCH.value,
+    )
+    progress = ProgressBar(_count_lines(INPUT.value)) if INPUT.value else None
+    # A named output is written beside its place and renamed when complete:
+    # an interrupted run leaves an earlier file of that name untouched.
+    partial = f"{OUTPUT.value}.partial" if OUTPUT.value else None
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open(INPUT.value, "rb")) if INPUT.value else sys.stdin.buffer
+        if partial:
+            sink = stack.enter_context(open(partial, "w", encoding="utf-8"))
+        else:
+            sys.stdout.reconfigure(encoding="utf-8")
+            sink = sys.stdout
+        translate_stream(translator, source, sink, CHUNK_LINES.value, progress)
+    if partial:
+        os.replace(partial, OUTPUT.value)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,237 @@
+"""A trained model in use: translate, evaluate, average, attention maps, and the BLEU figures."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import sacrebleu
+from conftest import run_module
+
+from transformer import metrics, trained
+from transformer.data.vocab import VOCAB_FILE, Vocabulary
+
+
+def _lines(data: bytes) -> list[str]:
+    text = data.decode("utf-8")
+    assert text.endswith("\n") or text == ""
+    return text.split("\n")[:-1]
+
+
+def _one_line_error(result, program: str) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr.decode()[-2000:]
+    assert lines[0].startswith(f"{program}: error:")
+    return lines[0]
+
+
+HARD_INPUT = [
+    "Der Hund sieht das grüne Haus.".encode(),
+    b"",
+    b"   \t ",
+    ("Die Katze öffnet eine schöne Tür. " * 300).encode(),  # ~10,000 characters
+    b"Die Stra\xdfe ist kaputt.",  # Latin-1, not UTF-8
+    "Der alte Mann\x07 kauft\x1b die Straße.".encode(),  # control characters
+    "Mein Bruder 看 das Haus, мой брат.".encode(),  # mixed scripts
+    "Unsere Lehrerin malt die kaputte Tür!".encode(),
+    b"",
+]
+
+
+def test_translate_gives_one_line_per_input_line(trained_workdir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"\n".join(HARD_INPUT) + b"\n")
+    out = tmp_path / "out.txt"
+    result = run_module(
+        "experiments.translate", f"--workdir={trained_workdir}",
+        f"--input={source}", f"--output={out}", "--chunk_lines=4",
+    )
+    lines = _lines(out.read_bytes())
+    assert len(lines) == len(HARD_INPUT)
+    assert lines[1] == "" and lines[2] == "" and lines[8] == ""
+    assert all(lines[i].strip() for i in (0, 3, 4, 5, 6, 7))
+    stderr = result.stderr.decode()
+    assert "line 4: longer than the model's 31 tokens, translated in" in stderr
+    assert "line 5: invalid UTF-8 replaced" in stderr
+    assert f"{len(HARD_INPUT)}/{len(HARD_INPUT)} lines" in stderr  # the progress bar
+    assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_translate_keeps_input_order(trained_workdir):
+    sentences = [
+        "Der Hund sieht das grüne Haus.",
+        "Die Ärztin zählt die Straße!",
+        "Ein Bäcker kauft einen großen Aal.",
+        "Das Mädchen sucht die kaputte Tür.",
+    ]
+    args = ("experiments.translate", f"--workdir={trained_workdir}", "--beam=1")
+    forward = _lines(run_module(*args, stdin="\n".join(sentences).encode() + b"\n").stdout)
+    order = [2, 0, 3, 1]
+    shuffled = "\n".join(sentences[i] for i in order).encode() + b"\n"
+    backward = _lines(run_module(*args, stdin=shuffled).stdout)
+    assert backward == [forward[i] for i in order]
+    assert len(set(forward)) > 1  # the test tells sentences apart
+
+
+def test_translations_round_trip_through_the_vocabulary(trained_workdir):
+    model = trained.load(str(trained_workdir))
+    from transformer.translation import Translator
+
+    outputs = Translator(model.model, model.params, model.vocab).translate(
+        ["Der Hund sieht das grüne Haus.", "Die Katze malt die Straße!"]
+    )
+    for text in outputs:
+        assert text.strip()
+        assert model.vocab.decode(model.vocab.encode(text)) == text
+
+
+def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
+    workdir = str(trained_workdir)
+    config, _, _ = trained.read_configs(workdir)
+    assert trained.checkpoint_steps(workdir) == [80, 160, 240]
+    a = trained.load_params(workdir, config, 160)
+    b = trained.load_params(workdir, config, 240)
+    output = tmp_path / "avg"
+    result = run_module(
+        "experiments.average", f"--workdir={workdir}", "--last=2", f"--output={output}"
+    )
+    assert "steps 160, 240" in result.stdout.decode()
+    averaged = trained.load(str(output))
+    assert averaged.steps == (240,)
+    for x, y, mean in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(averaged.params), strict=True
+    ):
+        np.testing.assert_allclose(mean, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-6)
+    assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])  # they do differ
+
+
+def test_averaging_more_checkpoints_than_exist_is_refused(trained_workdir, tmp_path):
+    result = run_module(
+        "experiments.average", f"--workdir={trained_workdir}", "--last=5",
+        f"--output={tmp_path / 'avg'}", check=False,
+    )
+    line = _one_line_error(result, "experiments.average")
+    assert "has 3 (steps 80, 160, 240); ask for at most 3" in line
+    assert not (tmp_path / "avg").exists()
+
+
+def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
+    sources = ["Der Hund sieht das grüne Haus.", "Die Katze malt die Straße!"]
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n")
+    hyps = _lines(
+        run_module(
+            "experiments.translate", f"--workdir={trained_workdir}",
+            stdin=("\n".join(sources) + "\n").encode(),
+        ).stdout
+    )
+    (tmp_path / "ref.txt").write_text("\n".join(hyps) + "\n")  # references = own output
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}",
+        f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
+        f"--hypotheses={tmp_path / 'hyp.txt'}",
+    )
+    scores = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert scores["sacrebleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in scores["sacrebleu_signature"]
+    assert (tmp_path / "hyp.txt").read_text().splitlines() == hyps
+
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}", "--split=test",
+        "--average_last=2", "--beam=2",
+    )
+    text = result.stdout.decode()
+    assert "the average of steps 160, 240" in text and "not comparable to sacreBLEU" in text
+    scores = json.loads(text.strip().splitlines()[-1])
+    assert 0.0 <= scores["sacrebleu"] <= 100.0 and scores["steps"] == [160, 240]
+    hypotheses = (trained_workdir / "hypotheses.test.avg2.txt").read_text().splitlines()
+    assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1]) > 0
+
+
+def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):
+    result = run_module(
+        "experiments.attention_maps", f"--workdir={trained_workdir}",
+        "--sentence=Der Hund sieht das grüne Haus.", f"--out_dir={tmp_path}",
+    )
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    # tiny: 2 encoder layers (self) and 2 decoder layers (self and encoder-decoder)
+    assert pngs == [
+        "decoder_self_layer1.png", "decoder_self_layer2.png",
+        "encoder_decoder_layer1.png", "encoder_decoder_layer2.png",
+        "encoder_self_layer1.png", "encoder_self_layer2.png",
+    ]
+    for name in pngs:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote 6 attention maps" in result.stdout.decode()
+
+
+def test_attention_weights_are_distributions_and_causal(trained_workdir):
+    from transformer.attention_maps import attention_weights
+
+    model = trained.load(str(trained_workdir))
+    inputs = np.array([[10, 11, 12, 13, 1]])
+    targets = np.array([[20, 21, 22, 1]])
+    weights = attention_weights(model.model, model.params, inputs, targets)
+    assert set(weights) == {
+        (kind, layer)
+        for kind in ("encoder_self", "decoder_self", "encoder_decoder")
+        for layer in (0, 1)
+    }
+    for (kind, _), w in weights.items():
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+        if kind == "decoder_self":
+            assert np.all(np.triu(w, k=1) == 0)  # no position attends to a later one
+        if kind == "encoder_decoder":
+            assert w.shape[1:] == (4, 5)
+
+
+def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_workdir, copy)
+    other = Vocabulary.load(copy / VOCAB_FILE)
+    assert other.size == 350
+    small = tmp_path / "small"
+    from transformer.data import vocab as vocab_lib
+
+    vocab_lib.load_or_train(
+        small / VOCAB_FILE, lambda: ["ein kleiner Satz", "noch einer"] * 50, 276
+    )
+    shutil.copy(small / VOCAB_FILE, copy / VOCAB_FILE)
+    result = run_module("experiments.translate", f"--workdir={copy}", stdin=b"Hallo\n",
+                        check=False)
+    line = _one_line_error(result, "experiments.translate")
+    assert "has 276 pieces but the model was trained with 350" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--workdir is required"),
+        (["--workdir=/nonexistent"], "not a training workdir"),
+        (["--workdir=W", "--step=7"], "no checkpoint at step 7; it has steps 80, 160, 240"),
+        (["--workdir=W", "--beam=0"], "--beam must be >= 1"),
+        (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
+        (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
+    ],
+)
+def test_translate_bad_flags_exit_1_with_one_line(trained_workdir, args, message):
+    args = [a.replace("=W", f"={trained_workdir}") for a in args]
+    result = run_module("experiments.translate", *args, check=False, stdin=b"Hallo\n")
+    assert message in _one_line_error(result, "experiments.translate")
+
+
+def test_bleu_functions_agree_with_sacrebleu():
+    hyps = ["The cat sat on the mat.", "A dog barks loudly at night"]
+    refs = ["The cat sat on the mat.", "The dog barks at night."]
+    score, signature = metrics.sacre_bleu(hyps, refs)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert metrics.sacre_bleu(refs, refs)[0] == pytest.approx(100.0)
+    assert "tok:13a" in signature and "case:mixed" in signature
+    assert metrics.chrf(refs, refs)[0] == pytest.approx(100.0)
+    # Paper-style: compound hyphens split into separate tokens before scoring.
+    assert metrics.split_compounds("a well-known rule") == "a well ##AT##-##AT## known rule"
+    # Chains split at every hyphen, and the markers' own hyphens are not split again.
+    assert metrics.split_compounds("x-y-z") == "x ##AT##-##AT## y ##AT##-##AT## z"
+    assert metrics.split_compounds("a - b --") == "a - b --"
+    assert metrics.paper_bleu(refs, refs, "en") == pytest.approx(100.0)
+    assert metrics.paper_bleu(hyps, refs, "en") < 100.0

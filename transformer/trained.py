@@ -1,0 +1,191 @@
+"""A trained model from its workdir: configs, vocabulary and parameters, one or averaged.
+
+Training leaves in its workdir everything that translation needs:
+  config.json          the model, data and training configs
+  vocab.model          the SentencePiece vocabulary
+  checkpoints/<step>   orbax checkpoints (transformer/checkpoint.py)
+so that `load(workdir)` is all a user of a trained model calls.
+
+Checkpoint averaging (the paper's section 6.1: the last 5 checkpoints of the
+base model, the last 20 of the big one, written at 10-minute intervals) takes
+the element-wise mean of the parameters. `write_average` stores that mean as
+a workdir of its own (config, vocabulary and one checkpoint), which every
+entry point loads like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from transformer import checkpoint
+from transformer.checkpoint import CheckpointError
+from transformer.config import DataConfig, ModelConfig, TrainConfig
+from transformer.data.vocab import VOCAB_FILE, Vocabulary
+from transformer.model import Transformer
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class Trained:
+    """What translation needs: the model, its parameters and vocabulary, and the configs."""
+
+    model: Transformer
+    params: Any
+    vocab: Vocabulary
+    data: DataConfig
+    train: TrainConfig
+    steps: tuple[int, ...]  # the checkpoint(s) the parameters come from
+
+    def describe(self) -> str:
+        if len(self.steps) == 1:
+            return f"step {self.steps[0]}"
+        return f"the average of steps {', '.join(map(str, self.steps))}"
+
+
+def read_configs(workdir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """The configs training wrote to workdir/config.json."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{workdir} is not a training workdir (no {CONFIG_FILE}); "
+            "give the --workdir that experiments.wmt trained in"
+        )
+    record = json.loads(path.read_text())
+    return (
+        ModelConfig(**record["model"]),
+        DataConfig(**record["data"]),
+        TrainConfig(**record["train"]),
+    )
+
+
+def load_vocab(workdir: str, model: ModelConfig) -> Vocabulary:
+    """The workdir's vocabulary; refused if it does not fit the model's embedding."""
+    path = epath.Path(workdir) / VOCAB_FILE
+    if not path.exists():
+        raise CheckpointError(f"{workdir} has no {VOCAB_FILE}; it is needed to translate")
+    vocab = Vocabulary.load(path)
+    if vocab.size != model.vocab_size:
+        raise CheckpointError(
+            f"{path} has {vocab.size} pieces but the model was trained with "
+            f"{model.vocab_size}: the vocabulary belongs to another run"
+        )
+    return vocab
+
+
+def abstract_params(model: ModelConfig) -> Any:
+    """ShapeDtypeStructs of the parameters, on the first device."""
+    transformer = Transformer(model)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: transformer.init(jax.random.key(0), tokens, tokens))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nn.unbox(shapes["params"]),
+    )
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the workdir's complete checkpoints, oldest first."""
+    if not checkpoint.checkpoint_dir(workdir).exists():
+        return []
+    mngr = checkpoint.manager(workdir, read_only=True)
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def load_params(workdir: str, model: ModelConfig, step: int) -> Any:
+    mngr = checkpoint.manager(workdir, read_only=True)
+    try:
+        return checkpoint.restore(mngr, step, abstract_params(model)).params
+    finally:
+        mngr.close()
+
+
+def choose_steps(workdir: str, step: int | None = None, average_last: int = 0) -> list[int]:
+    """Which checkpoints to use: the latest, a given step, or the last K."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise CheckpointError(f"{workdir} has no checkpoint yet; train first or check the path")
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(
+                f"{workdir} has no checkpoint at step {step}; it has {_listed(steps)}"
+            )
+        return [step]
+    if average_last:
+        if average_last > len(steps):
+            raise CheckpointError(
+                f"cannot average the last {average_last} checkpoints: {workdir} has "
+                f"{len(steps)} ({_listed(steps)}); ask for at most {len(steps)}"
+            )
+        return steps[-average_last:]
+    return steps[-1:]
+
+
+def _listed(steps: list[int]) -> str:
+    return "steps " + ", ".join(map(str, steps))
+
+
+def average_params(workdir: str, model: ModelConfig, steps: list[int]) -> Any:
+    """The element-wise mean of the parameters of the checkpoints at `steps`.
+
+    Every checkpoint is restored into the same abstract tree, so one of another
+    shape is refused by name (transformer/checkpoint.py) rather than broadcast.
+    """
+    total = None
+    for step in steps:
+        params = jax.tree.map(
+            lambda x: np.asarray(x, np.float64), load_params(workdir, model, step)
+        )
+        total = params if total is None else jax.tree.map(np.add, total, params)
+    return jax.tree.map(lambda x: jnp.asarray(x / len(steps), jnp.float32), total)
+
+
+def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Trained:
+    """The workdir's model: its latest checkpoint, a given step, or the mean of the last K."""
+    model_cfg, data_cfg, train_cfg = read_configs(workdir)
+    vocab = load_vocab(workdir, model_cfg)
+    steps = choose_steps(workdir, step, average_last)
+    params = average_params(workdir, model_cfg, steps)
+    return Trained(Transformer(model_cfg), params, vocab, data_cfg, train_cfg, tuple(steps))
+
+
+def write_average(workdir: str, last: int, output: str) -> Trained:
+    """Averages the last `last` checkpoints into a new workdir `output` and returns it.
+
+    `output` gets the config and vocabulary of `workdir` and one checkpoint,
+    at the newest averaged step, whose meta lists the steps averaged.
+    """
+    trained = load(workdir, average_last=last)
+    out = epath.Path(output)
+    if out.resolve() == epath.Path(workdir).resolve():
+        raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
+    if (out / checkpoint.CHECKPOINTS).exists() and checkpoint_steps(output):
+        raise CheckpointError(f"{output} already holds checkpoints; choose a new --output")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, VOCAB_FILE):
+        (out / name).write_bytes((epath.Path(workdir) / name).read_bytes())
+    mngr = checkpoint.manager(output, async_save=False)
+    step = trained.steps[-1]
+    meta = {"step": step, "averaged_steps": list(trained.steps), "source": str(workdir)}
+    mngr.save(
+        step,
+        args=checkpoint.ocp.args.Composite(
+            params=checkpoint.ocp.args.StandardSave(trained.params),
+            meta=checkpoint.ocp.args.JsonSave(meta),
+        ),
+    )
+    mngr.wait_until_finished()
+    mngr.close()
+    return trained
