@@ -37,15 +37,20 @@ DATASHEET_PEAK = {
 }
 
 
-def forward_flops(c: ModelConfig, rows: int, source_len: int, target_len: int) -> float:
-    """Matmul FLOPs of one teacher-forced forward pass over [rows, length] batches."""
+def forward_flops(
+    c: ModelConfig, rows: int, source_len: int, target_len: int, attention_scores: bool = True
+) -> float:
+    """Matmul FLOPs of one teacher-forced forward pass over [rows, length] batches.
+
+    attention_scores=False leaves out Q.K^T and weights.V (the part quadratic in length).
+    """
     d, h = c.d_model, c.num_heads
     qk, v = h * c.d_k, h * c.d_v
     projections = 2 * d * (2 * qk + v) + 2 * v * d  # Q, K, V and output, per token
     feed_forward = 4 * d * c.d_ff
 
     def scores(queries, keys):  # QK^T and weights x V, per row
-        return 2 * queries * keys * (qk + v)
+        return 2 * queries * keys * (qk + v) if attention_scores else 0
 
     s, t = source_len, target_len
     encoder = c.num_encoder_layers * (s * (projections + feed_forward) + scores(s, s))
@@ -83,5 +88,9 @@ def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:
             if device.device_kind.startswith(prefix):
                 return peak * jax.device_count(), f"datasheet {device.device_kind}"
     # CPU (or an unknown accelerator): measure. All "devices" of a CPU share its cores.
+    # The faster of float32 and bfloat16-input matmuls is the peak: which one wins
+    # depends on the CPU (AVX-512 BF16 or not), and MFU should not flatter a slow path.
     count = 1 if device.platform == "cpu" else jax.device_count()
-    return measured_matmul_peak(dtype) * count, f"measured {dtype} matmul on {device.device_kind}"
+    measured = {name: measured_matmul_peak(name) for name in sorted({"float32", dtype})}
+    best = max(measured, key=measured.get)
+    return measured[best] * count, f"measured {best} matmul on {device.device_kind}"

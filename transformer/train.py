@@ -419,14 +419,26 @@ def train_and_evaluate(setup: Setup) -> dict:
     optimizer = make_optimizer(model_cfg, cfg)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
-        state, state_shardings, iterator, start_step = _start(setup, model, optimizer, mesh, data)
+        state, state_shardings, iterator, start_step, trained_seconds = _start(
+            setup, model, optimizer, mesh, data
+        )
         step_fn = jit_train_step(model, optimizer, cfg, mesh, state_shardings)
         evaluator = evaluation.Evaluator(model, data_cfg, data.vocab, mesh, cfg)
         writer = metrics.SummaryWriter(setup.workdir, enabled=is_chief)
         peak, peak_source = flops.device_peak(model_cfg.dtype)
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
         results = _loop(
-            setup, state, step_fn, iterator, mesh, data, evaluator, writer, peak, start_step
+            setup,
+            state,
+            step_fn,
+            iterator,
+            mesh,
+            data,
+            evaluator,
+            writer,
+            peak,
+            start_step,
+            trained_seconds,
         )
         writer.close()
     if is_chief:
@@ -435,7 +447,10 @@ def train_and_evaluate(setup: Setup) -> dict:
 
 
 def _start(setup: Setup, model, optimizer, mesh, data):
-    """Resume, else init_from, else fresh: -> (state, shardings, data iterator, step)."""
+    """Resume, else init_from, else fresh.
+
+    -> (state, shardings, data iterator, step, seconds of training before this run).
+    """
     abstract, shardings = abstract_state(model, optimizer, setup.train.seed, mesh)
     mngr = checkpoint.manager(setup.workdir, setup.train.keep_checkpoints)
     iterator = data.iterator()
@@ -454,7 +469,7 @@ def _start(setup: Setup, model, optimizer, mesh, data):
         )
         state = jax.device_put(state, shardings)
         say(f"resumed from step {restored.step} ({mngr.directory})")
-        return state, shardings, iterator, restored.step
+        return state, shardings, iterator, restored.step, float(meta.get("train_seconds", 0.0))
     state, shardings = create_state(model, optimizer, setup.train.seed, mesh)
     if setup.init_from:
         source = checkpoint.manager(setup.init_from, read_only=True)
@@ -464,10 +479,22 @@ def _start(setup: Setup, model, optimizer, mesh, data):
             raise checkpoint.CheckpointError(f"--init_from={setup.init_from} has no checkpoint")
         state = state.replace(params=loaded.params)
         say(f"initialized parameters from {setup.init_from} step {loaded.step}")
-    return state, shardings, iterator, 0
+    return state, shardings, iterator, 0, 0.0
 
 
-def _loop(setup, state, step_fn, iterator, mesh, data, evaluator, writer, peak, start_step):
+def _loop(
+    setup,
+    state,
+    step_fn,
+    iterator,
+    mesh,
+    data,
+    evaluator,
+    writer,
+    peak,
+    start_step,
+    trained_seconds,
+):
     cfg = setup.train
     mngr = checkpoint.manager(setup.workdir, cfg.keep_checkpoints)
     preemption = Preemption()
@@ -476,14 +503,22 @@ def _loop(setup, state, step_fn, iterator, mesh, data, evaluator, writer, peak, 
     loop_start = last_save = time.monotonic()
     eval_seconds = 0.0
 
+    def training_seconds():  # this run's and the runs' before it, evaluation excluded
+        return trained_seconds + time.monotonic() - loop_start - eval_seconds
+
     def save():
-        meta = {"step": step, "rng": state.rng, "data": iterator.get_state()}
+        meta = {
+            "step": step,
+            "rng": state.rng,
+            "data": iterator.get_state(),
+            "train_seconds": training_seconds(),
+        }
         checkpoint.save(mngr, step, state.params, state.opt_state, meta)
 
     def minutes_left():
         if not cfg.train_minutes:
             return None
-        return cfg.train_minutes - (time.monotonic() - loop_start - eval_seconds) / 60
+        return cfg.train_minutes - training_seconds() / 60
 
     try:
         while step < cfg.steps and not preemption.requested:
@@ -515,7 +550,7 @@ def _loop(setup, state, step_fn, iterator, mesh, data, evaluator, writer, peak, 
                 save()
                 saved_step, last_save = step, time.monotonic()
     except FloatingPointError as e:
-        mngr.wait_until_finished()
+        checkpoint.wait(mngr)
         mngr.close()
         raise FloatingPointError(
             f"{e}; stopped without saving: the last good checkpoint is step {saved_step}. "
@@ -525,9 +560,9 @@ def _loop(setup, state, step_fn, iterator, mesh, data, evaluator, writer, peak, 
         progress.report(step, minutes_left())
     if step != saved_step:
         save()
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     mngr.close()
-    train_minutes = (time.monotonic() - loop_start - eval_seconds) / 60
+    train_minutes = training_seconds() / 60
     if preemption.requested:
         return {"step": step, "preempted": True, "train_minutes": train_minutes}
     results = {"step": step, "train_minutes": train_minutes, **evaluator.final(state.params)}

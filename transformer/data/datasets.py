@@ -27,8 +27,13 @@ def prepare(data: DataConfig) -> None:
     if data.dataset == "ding_de_en":
         builder = _ding_builder(data)
         if not builder.is_prepared():
+            print(f"building ding_de_en in {builder.data_dir} (once, about a minute)", flush=True)
             config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
-            builder.download_and_prepare(download_config=config)
+            tfds.disable_progress_bar()  # a minute of bars redrawn in a log is noise
+            try:
+                builder.download_and_prepare(download_config=config)
+            finally:
+                tfds.enable_progress_bar()
     else:
         from transformer.data import wmt
 
