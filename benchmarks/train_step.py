@@ -13,8 +13,8 @@ GPU/TPU: the datasheet bf16 peak).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import resource
 import statistics
 import time
 
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import peak_rss_gib
 from transformer import config, flops, sharding, train
 from transformer.model import Transformer
 
@@ -32,10 +33,27 @@ _ROWS = flags.DEFINE_list("rows", ["8"], "Rows per batch.")
 _LENGTHS = flags.DEFINE_list("length", ["128"], "Tokens per row (source and target each).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per configuration.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize layer activations.")
+_OVERRIDES = flags.DEFINE_list(
+    "set", [], "Model config changes, e.g. d_model=128,d_ff=512,num_heads=4,vocab_size=4000."
+)
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def overrides() -> dict:
+    """--set key=value pairs, typed like the ModelConfig field they change."""
+    fields = {f.name: f.type for f in dataclasses.fields(config.ModelConfig)}
+    changes = {}
+    for item in _OVERRIDES.value:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise ValueError(f"--set: unknown model setting {key!r}")
+        current = getattr(config.preset("base"), key)
+        changes[key] = type(current)(value) if not isinstance(current, bool) else value == "true"
+    if "d_model" in changes or "num_heads" in changes:
+        d, h = changes.get("d_model", 0), changes.get("num_heads", 0)
+        if d and h:
+            changes.setdefault("d_k", d // h)
+            changes.setdefault("d_v", d // h)
+    return changes
 
 
 def packed_batch(rows: int, length: int, vocab: int, segments: int = 4) -> dict:
@@ -57,7 +75,7 @@ def packed_batch(rows: int, length: int, vocab: int, segments: int = 4) -> dict:
 
 def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dict:
     model_cfg = config.preset(preset).replace(
-        dtype=dtype, remat=_REMAT.value, max_len=max(length, 64)
+        dtype=dtype, remat=_REMAT.value, max_len=max(length, 64), **overrides()
     )
     train_cfg = config.TrainConfig()
     mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
@@ -83,6 +101,7 @@ def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dic
     return {
         "benchmark": "train_step",
         "preset": preset,
+        **({"set": ",".join(_OVERRIDES.value)} if _OVERRIDES.value else {}),
         "dtype": dtype,
         "rows": rows,
         "length": length,

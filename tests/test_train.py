@@ -254,3 +254,42 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     result = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--d_ff=128", check=False)
     assert result.returncode == 1
     assert "different config (d_ff)" in result.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------
+# No retracing: a longer run compiles exactly as often as a short one
+# ----------------------------------------------------------------------------
+
+
+def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
+    """Backend compilations (jax.monitoring events) during one in-process training run."""
+    from transformer.train import Setup, train_and_evaluate
+
+    model_cfg = config.preset("tiny").replace(vocab_size=350, max_len=32)
+    data = ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1)
+    train_cfg = config.TrainConfig(
+        steps=steps, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
+        final_eval_split="", checkpoint_every=0, checkpoint_minutes=0,
+    )
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train_and_evaluate(Setup(model_cfg, train_cfg, data, str(workdir), mesh="data:-1"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(compiled)
+
+
+def test_compilations_do_not_grow_with_steps(ding_sample, tmp_path):
+    # The first run in this process also compiles the one-off operations that
+    # jax caches for the whole process; the next two compile only their own.
+    first = _compilations_of_a_run(ding_sample, tmp_path / "first", 20)
+    short = _compilations_of_a_run(ding_sample, tmp_path / "short", 20)
+    long = _compilations_of_a_run(ding_sample, tmp_path / "long", 200)
+    assert first >= short > 0  # the counter does see compilations (the train step's own)
+    assert long == short
