@@ -1,0 +1,319 @@
+"""The fault suite: real training processes killed, preempted, fed corrupt checkpoints, NaNs,
+a full disk and bad input; each must lose nothing beyond the last checkpoint interval.
+
+Every case runs `python -m experiments.wmt` (tiny model, sample corpus) as a
+subprocess, as a user would. The slow ones run in CI (.ci/run runs all marks).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_module, tiny_training_args
+
+from transformer import trained
+
+
+def _env() -> dict:
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.wmt", *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _losses(workdir) -> dict[int, float]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    lines = [json.loads(line) for line in open(path)]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
+def _steps(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return (
+        sorted(int(p) for p in os.listdir(folder) if p.isdigit()) if os.path.isdir(folder) else []
+    )
+
+
+def _final_params(workdir):
+    config, _, _ = trained.read_configs(str(workdir))
+    return trained.load_params(str(workdir), config, _steps(workdir)[-1])
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _wait_for_step(proc, workdir, step: int, timeout: float = 300) -> None:
+    """Blocks until the run has logged `step` (metrics.jsonl) or ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path) and step in _losses(workdir):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def _one_line_error(result) -> str:
+    stderr = result.stderr.decode() if isinstance(result.stderr, bytes) else result.stderr
+    lines = stderr.strip().splitlines()
+    assert result.returncode == 1, stderr[-2000:]
+    assert lines and lines[-1].startswith("experiments.wmt: error:"), stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ding_sample, tmp_path_factory):
+    """A 24-step run with checkpoints every 4 steps, never interrupted: the reference."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_module("experiments.wmt", *tiny_training_args(ding_sample, workdir, 24))
+    return workdir
+
+
+# ----------------------------------------------------------------------------
+# 1. kill -9, at random points, also while a checkpoint is being written
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_gives_the_same_parameters(
+    ding_sample, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "killed"
+    args = tiny_training_args(ding_sample, workdir, 24)
+    rng = random.Random(0)
+    kills = 0
+    for target in sorted(rng.sample(range(3, 22), 3)):
+        proc = _start(args)
+        _wait_for_step(proc, workdir, target)
+        time.sleep(rng.uniform(0, 0.3))  # anywhere: mid-step, mid-save, mid-log
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    result = run_module("experiments.wmt", *args)
+    assert kills == 3 and "resumed from step" in result.stdout.decode()
+    assert _steps(workdir)[-1] == 24
+    assert not [p for p in os.listdir(workdir / "checkpoints") if "tmp" in p]
+    _assert_same_params(_final_params(workdir), _final_params(uninterrupted))
+    # Every step was trained, some twice (after a kill): the losses agree with the reference.
+    expected, got = _losses(uninterrupted), _losses(workdir)
+    assert sorted(got) == list(range(1, 25))
+    np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_half_written_checkpoint_is_ignored_and_cleaned_up(ding_sample, uninterrupted, tmp_path):
+    workdir = tmp_path / "half"
+    args = tiny_training_args(ding_sample, workdir, 24)
+    run_module("experiments.wmt", *args[:-10], *args[-9:], "--steps=8")  # checkpoints 4, 8
+    # What orbax leaves when killed while writing step 12: a temporary folder.
+    partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(workdir / "checkpoints" / "8", partial)
+    (partial / "params").rename(partial / "params_incomplete")
+    result = run_module("experiments.wmt", *args)
+    assert "resumed from step 8" in result.stdout.decode()
+    assert not partial.exists()
+    _assert_same_params(_final_params(workdir), _final_params(uninterrupted))
+
+
+# ----------------------------------------------------------------------------
+# 2. SIGTERM: the preemption notice of a spot VM
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_0(ding_sample, uninterrupted, tmp_path):
+    workdir = tmp_path / "preempted"
+    args = [*tiny_training_args(ding_sample, workdir, 24), "--checkpoint_every=100"]
+    proc = _start(args)
+    _wait_for_step(proc, workdir, 7)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert time.monotonic() - sent < 60
+    saved = _steps(workdir)
+    assert len(saved) == 1 and saved[0] >= 7  # the step it was at, not an older one
+    result = run_module("experiments.wmt", *args)
+    assert f"resumed from step {saved[0]}" in result.stdout.decode()
+    _assert_same_params(_final_params(workdir), _final_params(uninterrupted))
+
+
+# ----------------------------------------------------------------------------
+# 3. Corrupt checkpoints
+# ----------------------------------------------------------------------------
+
+
+def _array_files(step_dir) -> list[str]:
+    files = []
+    for root, _, names in os.walk(step_dir / "params"):
+        files += [os.path.join(root, n) for n in names if os.path.getsize(os.path.join(root, n))]
+    return sorted(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
+    ding_sample, uninterrupted, tmp_path, damage
+):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, workdir)
+    latest = workdir / "checkpoints" / "24"
+    target = _array_files(latest)[-1]  # the largest data file: the array bytes
+    data = open(target, "rb").read()
+    if damage == "truncate":
+        open(target, "wb").write(data[: len(data) // 2])
+    else:
+        middle = len(data) // 2
+        open(target, "wb").write(
+            data[:middle]
+            + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            + data[middle + 64 :]
+        )
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    args = [*tiny_training_args(ding_sample, workdir, 28)]
+    line = _one_line_error(run_module("experiments.wmt", *args, check=False))
+    assert str(latest) in line and "--fallback_checkpoint" in line
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
+    result = run_module("experiments.wmt", *args, "--fallback_checkpoint")
+    assert "resumed from step 20" in result.stdout.decode()
+    assert latest.exists() or _steps(workdir)[-1] == 28
+
+
+# ----------------------------------------------------------------------------
+# 4. NaN / inf
+# ----------------------------------------------------------------------------
+
+
+def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint(
+    ding_sample, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "nan"
+    shutil.copytree(uninterrupted, workdir)
+    good = _final_params(workdir)
+    # A learning rate of 1e30 blows the parameters up within a step or two.
+    args = [*tiny_training_args(ding_sample, workdir, 40), "--learning_rate_scale=1e30"]
+    line = _one_line_error(run_module("experiments.wmt", *args, check=False))
+    assert "not finite at step 2" in line or "not finite at step 25" in line
+    assert "the last good checkpoint is step 24" in line
+    assert _steps(workdir)[-1] == 24
+    _assert_same_params(_final_params(workdir), good)
+
+
+def test_nan_policy_skip_skips_bad_steps_and_goes_on(ding_sample, tmp_path):
+    workdir = tmp_path / "skip"
+    args = [
+        *tiny_training_args(ding_sample, workdir, 6),
+        "--learning_rate_scale=1e30",
+        "--nan_policy=skip",
+    ]
+    run_module("experiments.wmt", *args)
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    skipped = sum(r.get("train/skipped_steps", 0) for r in records)
+    assert skipped >= 1
+    assert _steps(workdir)[-1] == 6
+    for leaf in jax.tree.leaves(_final_params(workdir)):
+        assert np.isfinite(np.asarray(leaf)).all()
+
+
+# ----------------------------------------------------------------------------
+# 5. A full disk
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_gives_a_clear_error_and_keeps_earlier_checkpoints(ding_sample, tmp_path):
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    # Room for the vocabulary, the length index and a couple of checkpoints, not more.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2200k", "tmpfs", str(mount)], check=True)
+    try:
+        workdir = mount / "run"
+        args = [*tiny_training_args(ding_sample, workdir, 400)]
+        result = run_module("experiments.wmt", *args, check=False)
+        line = _one_line_error(result)
+        assert "No space left on device" in line or "no space" in line.lower()
+        assert "cannot write checkpoint" in line
+        steps = _steps(workdir)
+        assert steps, "no checkpoint was completed before the disk filled"
+        params = _final_params(workdir)  # the newest complete checkpoint still restores
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+# ----------------------------------------------------------------------------
+# 6. Bad data
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no dictionary lines"),
+        ("this line has no separator\nnor this one\n", "holds no dictionary lines"),
+    ],
+)
+def test_an_empty_or_malformed_corpus_gives_one_line(tmp_path, content, message):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "de-en").write_text(content, encoding="utf-8")
+    result = run_module(
+        "experiments.wmt",
+        "--dataset=ding_de_en",
+        "--direction=de-en",
+        "--preset=tiny",
+        f"--manual_dir={manual}",
+        f"--data_dir={tmp_path / 'tfds'}",
+        "--vocab_size=350",
+        "--max_len=32",
+        "--row_length=32",
+        "--batch_rows=8",
+        "--steps=2",
+        f"--workdir={tmp_path / 'w'}",
+        check=False,
+    )
+    assert message in _one_line_error(result)
+
+
+# ----------------------------------------------------------------------------
+# 7. A large file into translate: bounded memory, one line out per line in
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_translate_a_100000_line_file_in_bounded_memory(trained_workdir, tmp_path):
+    lines = ["", "Der Hund sieht das Haus.", "  ", "\x00\x01 kaputt", "Die Katze."]
+    source = tmp_path / "big.txt"
+    with open(source, "w", encoding="utf-8") as f:
+        for i in range(100_000):
+            f.write(lines[i % len(lines)] + "\n")
+    out = tmp_path / "big.out"
+    run_module(
+        "experiments.translate",
+        f"--workdir={trained_workdir}",
+        "--beam=1",
+        f"--input={source}",
+        f"--output={out}",
+        "--chunk_lines=5000",
+    )
+    with open(out, encoding="utf-8") as f:
+        outputs = f.read().split("\n")[:-1]
+    assert len(outputs) == 100_000
+    assert outputs[0] == "" and outputs[2] == "" and outputs[5] == ""
+    assert outputs[1] == outputs[6] and outputs[1].strip()

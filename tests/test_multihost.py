@@ -1,0 +1,85 @@
+"""Two real JAX processes (4 CPU devices each) train like one process with 8 devices.
+
+The processes meet through jax.distributed (a coordinator on localhost, CPU
+collectives over gloo), each reads its own share of every batch, process 0
+writes the logs, and orbax saves and restores the checkpoint across both.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import tiny_training_args
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+
+
+def _train_two_processes(args: list[str]) -> list[str]:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "experiments.wmt", *args,
+                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return outputs
+
+
+def _losses(workdir) -> dict[int, float]:
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
+def test_two_processes_equal_one_process_and_resume(ding_sample, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.wmt", *tiny_training_args(ding_sample, single, 8)],
+        env=_env(8), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    _train_two_processes(tiny_training_args(ding_sample, multi, 4))  # checkpoint at step 4
+    outputs = _train_two_processes(tiny_training_args(ding_sample, multi, 8))
+    assert "resumed from step 4" in outputs[0]
+    assert outputs[1] == ""  # only process 0 speaks
+
+    expected, got = _losses(single), _losses(multi)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=2e-4
+    )
+    steps = sorted(int(p) for p in os.listdir(multi / "checkpoints") if p.isdigit())
+    assert steps == [4, 8]
