@@ -26,7 +26,11 @@ def fail(message: str) -> None:
     """Prints the one-line error and exits with status 1."""
     first_line = " ".join(str(message).split())
     print(f"{_program()}: error: {first_line}", file=sys.stderr)
-    sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit now: background threads of a failed save (orbax, asyncio) would otherwise
+    # print their tracebacks after this line while the interpreter shuts down.
+    os._exit(1)
 
 
 def _program() -> str:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -62,6 +64,7 @@ class Restored:
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
     """Starts an (asynchronous) save of the state at `step`."""
+    meta = {**meta, "fingerprint": fingerprint(params)}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -81,8 +84,43 @@ def wait(mngr: ocp.CheckpointManager) -> None:
         raise _write_error(mngr, None, e) from e
 
 
+def _reason(error: BaseException) -> str:
+    """The most telling message in an exception chain: an OSError's (disk full...) if any."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(error).split())
+    system = re.search(r": ([^:\[]+?) \[os_error_code", text)  # TensorStore's OS errors
+    return system.group(1) if system else (text[:300] or type(error).__name__)
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Closes the manager, which also finishes a save in flight (its failure is one line)."""
+    try:
+        mngr.close()
+    except Exception as e:  # noqa: BLE001
+        raise _write_error(mngr, None, e) from e
+
+
+def fingerprint(tree) -> list[int]:
+    """A 32-bit sum of the raw bits of every array: any altered word changes it.
+
+    Orbax stores no checksums; this, kept in the checkpoint's meta, tells a
+    checkpoint whose bytes changed on disk from a good one.
+    """
+
+    def bits(x):
+        x = jnp.asarray(x)
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else x
+        return jnp.sum(words.astype(jnp.uint32), dtype=jnp.uint32)
+
+    return [int(v) for v in jax.device_get(jax.tree.leaves(jax.tree.map(bits, tree)))]
+
+
 def _write_error(mngr: ocp.CheckpointManager, step: int | None, error: Exception):
-    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    reason = _reason(error)
     complete = sorted(mngr.all_steps())
     kept = f"the newest complete checkpoint is step {complete[-1]}" if complete else "none exists"
     which = f"checkpoint {step}" if step is not None else "a checkpoint"
@@ -114,6 +152,12 @@ def restore(
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint {path} cannot be restored: {reason}") from e
     _check_shapes(path, abstract_params, restored["params"])
+    expected = restored["meta"].get("fingerprint")
+    if expected is not None and fingerprint(restored["params"]) != list(expected):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its parameters do not match the fingerprint "
+            "written with them (a file was altered or damaged)"
+        )
     return Restored(step, restored["params"], restored.get("opt_state"), restored["meta"])
 
 
@@ -150,7 +194,13 @@ def restore_latest(
                     else ""
                 )
                 raise CheckpointError(f"{e}{hint}") from e
-            logging.warning("%s; trying the previous checkpoint", e)
+            # Proven unreadable: moved aside (not deleted) so that this run can write
+            # its step again, and kept for inspection.
+            bad = mngr.directory / str(step)
+            aside = mngr.directory / f"{step}.unreadable"
+            if bad.exists() and not aside.exists():
+                bad.rename(aside)
+            logging.warning("%s; moved to %s, trying the previous checkpoint", e, aside)
     if steps:
         raise CheckpointError(f"no readable checkpoint in {mngr.directory}")
     return None

@@ -49,7 +49,7 @@ def paper_bleu(hypotheses: list[str], references: list[str], lang: str) -> float
 
     hyps = [prepare(h) for h in hypotheses]
     refs = [prepare(r) for r in references]
-    return sacrebleu.BLEU(tokenize="none").corpus_score(hyps, [refs]).score
+    return sacrebleu.BLEU(tokenize="none", force=True).corpus_score(hyps, [refs]).score
 
 
 def evaluate_translations(hypotheses: list[str], references: list[str], lang: str) -> dict:

@@ -551,7 +551,7 @@ def _loop(
                 saved_step, last_save = step, time.monotonic()
     except FloatingPointError as e:
         checkpoint.wait(mngr)
-        mngr.close()
+        checkpoint.close(mngr)
         raise FloatingPointError(
             f"{e}; stopped without saving: the last good checkpoint is step {saved_step}. "
             "Lower --learning_rate_scale, set --grad_clip_norm, or use --nan_policy=skip"
@@ -561,7 +561,7 @@ def _loop(
     if step != saved_step:
         save()
     checkpoint.wait(mngr)
-    mngr.close()
+    checkpoint.close(mngr)
     train_minutes = training_seconds() / 60
     if preemption.requested:
         return {"step": step, "preempted": True, "train_minutes": train_minutes}
