@@ -121,7 +121,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_parameters(
 def test_a_half_written_checkpoint_is_ignored_and_cleaned_up(ding_sample, uninterrupted, tmp_path):
     workdir = tmp_path / "half"
     args = tiny_training_args(ding_sample, workdir, 24)
-    run_module("experiments.wmt", *args[:-10], *args[-9:], "--steps=8")  # checkpoints 4, 8
+    run_module("experiments.wmt", *args, "--steps=8")  # checkpoints 4, 8
     # What orbax leaves when killed while writing step 12: a temporary folder.
     partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
     shutil.copytree(workdir / "checkpoints" / "8", partial)
@@ -247,8 +247,8 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_earlier_checkpoints(ding_samp
         args = [*tiny_training_args(ding_sample, workdir, 400)]
         result = run_module("experiments.wmt", *args, check=False)
         line = _one_line_error(result)
-        assert "No space left on device" in line or "no space" in line.lower()
-        assert "cannot write checkpoint" in line
+        # The checkpoint write or the TensorBoard writer, whichever meets the full disk first.
+        assert "No space left on device" in line or "disk full" in line
         steps = _steps(workdir)
         assert steps, "no checkpoint was completed before the disk filled"
         params = _final_params(workdir)  # the newest complete checkpoint still restores

@@ -78,7 +78,7 @@ class SummaryWriter:
             return
         from tensorboardX import SummaryWriter as EventWriter
 
-        path = epath.Path(workdir)
+        path = self.path = epath.Path(workdir)
         path.mkdir(parents=True, exist_ok=True)
         self._events = EventWriter(str(path / "tensorboard"))
         self._jsonl = (path / "metrics.jsonl").open("a")
@@ -86,6 +86,12 @@ class SummaryWriter:
     def write(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
+        # tensorboardX writes from a thread; if that thread died (a full disk), its
+        # queue fills and add_scalar would block forever: fail instead.
+        if not self._events._get_file_writer().event_writer._worker.is_alive():
+            raise OSError(
+                f"the TensorBoard event writer for {self.path} stopped (is the disk full?)"
+            )
         for name, value in scalars.items():
             if isinstance(value, int | float):
                 self._events.add_scalar(f"{prefix}{name}", value, step)
