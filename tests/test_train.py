@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_training_args
 
 from transformer import config, sharding, train
 from transformer.data import pipeline
@@ -175,26 +176,7 @@ def _wmt(*args, check=True):
 
 
 def _tiny_args(ding_sample, workdir, steps):
-    return [
-        f"--manual_dir={ding_sample.manual_dir}",
-        f"--data_dir={ding_sample.data_dir}",
-        "--dataset=ding_de_en",
-        "--direction=de-en",
-        "--preset=tiny",
-        "--vocab_size=350",
-        "--max_len=32",
-        "--row_length=32",
-        "--batch_rows=8",
-        f"--steps={steps}",
-        "--warmup_steps=10",
-        "--log_every=1",
-        "--eval_every=0",
-        "--eval_bleu_sentences=0",
-        "--final_eval_split=",
-        "--checkpoint_every=4",
-        "--checkpoint_minutes=0",
-        f"--workdir={workdir}",
-    ]
+    return tiny_training_args(ding_sample, workdir, steps)
 
 
 def _losses(workdir):
