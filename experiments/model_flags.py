@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from transformer import config
+from transformer import config, flops
 
 _PRESET = flags.DEFINE_enum(
     "preset",
@@ -38,7 +38,11 @@ _FLOAT_OVERRIDES = {
 _ENUM_OVERRIDES = {
     "positional": (config.POSITIONAL, "Positional encoding."),
     "layer_norm": (config.LAYER_NORMS, "Layer norm placement: post (the paper's) or pre."),
-    "dtype": (config.DTYPES, "Compute dtype of matmuls (parameters stay float32)."),
+    "dtype": (
+        (*config.DTYPES, "auto"),
+        "Compute dtype of matmuls (parameters stay float32); auto: the faster one on this "
+        "machine (bfloat16 on GPU/TPU; on CPU, measured).",
+    ),
 }
 _BOOL_OVERRIDES = {
     "share_embeddings": "One embedding table for source and target.",
@@ -68,6 +72,8 @@ def model_config() -> config.ModelConfig:
     if layers is not None:
         overrides.setdefault("num_encoder_layers", layers)
         overrides.setdefault("num_decoder_layers", layers)
+    if overrides.get("dtype") == "auto":
+        overrides["dtype"] = flops.fastest_dtype()
     base = config.preset(_PRESET.value)
     if {"d_model", "num_heads"} & overrides.keys():
         overrides = _derive_head_sizes(base, overrides)

@@ -48,6 +48,8 @@ _HELP = {
     "adam_b2": "Adam beta2.",
     "adam_eps": "Adam epsilon.",
     "label_smoothing": "Label smoothing epsilon (the paper: 0.1). Default: the preset's.",
+    "cooldown_fraction": "Decay the learning rate linearly to 0 over this last fraction of "
+    "the run (of --steps, or of --train_minutes when that ends it first); 0: off.",
     "grad_clip_norm": "Clip gradients to this global norm (0: off).",
     "grad_accum_steps": "Split each step's batch into this many sequential micro-batches.",
     "seed": "Seed of initialization, dropout and data order.",

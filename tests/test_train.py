@@ -1,5 +1,6 @@
 """Training: schedule, loss, steps on 1 and 8 devices, accumulation, resume, flags."""
 
+import functools
 import json
 import math
 import os
@@ -32,6 +33,19 @@ def test_schedule_is_the_papers_formula():
     assert float(train.learning_rate_schedule(512, 4000, scale=2.0)(99)) == pytest.approx(
         2 * paper(100), rel=1e-5
     )
+
+
+def test_cooldown_decays_linearly_to_zero_over_the_last_fraction():
+    cfg = config.TrainConfig(steps=1000, cooldown_fraction=0.2)
+    factors = [train.cooldown_factor(cfg, step, None) for step in (0, 800, 900, 950, 1000)]
+    assert factors == pytest.approx([1.0, 1.0, 0.5, 0.25, 0.0])
+    # With a time budget that ends first, the time left sets the factor.
+    timed = cfg.replace(train_minutes=30.0)
+    assert train.cooldown_factor(timed, 100, minutes_left=3.0) == pytest.approx(0.5)
+    assert train.cooldown_factor(timed, 100, minutes_left=10.0) == 1.0
+    assert train.cooldown_factor(timed, 950, minutes_left=10.0) == pytest.approx(0.25)
+    assert train.cooldown_factor(timed, 100, minutes_left=-1.0) == 0.0
+    assert train.cooldown_factor(config.TrainConfig(steps=1000), 999, None) == 1.0
 
 
 def test_label_smoothed_loss_by_hand():
@@ -81,7 +95,7 @@ def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
         step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
         losses = []
         for batch in batches:
-            state, metrics = step(state, sharding.global_batch(mesh, batch))
+            state, metrics = step(state, sharding.global_batch(mesh, batch), np.float32(1))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -150,12 +164,36 @@ def test_non_finite_steps_leave_the_state_unchanged(batches):
         )
         before = jax.device_get(poisoned)
         state = state.replace(params=poisoned)
-        state, metrics = step(state, sharding.global_batch(mesh, batches[0]))
+        state, metrics = step(state, sharding.global_batch(mesh, batches[0]), np.float32(1))
     assert int(metrics["nonfinite"]) == 1 and int(state.step) == 1
     for a, b in zip(
         jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_learning_rate_factor_scales_the_update(batches):
+    model = Transformer(MODEL)
+    optimizer = train.make_optimizer(MODEL, TRAIN)
+    step = jax.jit(
+        functools.partial(train.train_step, model=model, optimizer=optimizer, train=TRAIN)
+    )
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:1", 1), jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        state, _ = train.create_state(model, optimizer, 0, mesh)
+    batch = jax.tree.map(jnp.asarray, batches[0])
+    before = jax.device_get(state.params)
+    moved = {}
+    for factor in (1.0, 0.5, 0.0):
+        new_state, metrics = step(state, batch, np.float32(factor))
+        moved[factor] = jax.tree.map(np.subtract, jax.device_get(new_state.params), before)
+        assert float(metrics["learning_rate"]) == pytest.approx(
+            factor * float(train.learning_rate_schedule(MODEL.d_model, 10, 5.0)(0)), rel=1e-6
+        )
+    for full, half, none in zip(*(jax.tree.leaves(moved[f]) for f in (1.0, 0.5, 0.0)), strict=True):
+        np.testing.assert_allclose(half, 0.5 * full, rtol=1e-5, atol=1e-9)
+        np.testing.assert_array_equal(none, 0.0)
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(moved[1.0])) > 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -236,6 +274,15 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     result = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--d_ff=128", check=False)
     assert result.returncode == 1
     assert "different config (d_ff)" in result.stderr.strip().splitlines()[-1]
+    # The compute dtype is not part of the model: a run may resume with another.
+    resumed = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--dtype=bfloat16")
+    assert "resumed from step 2" in resumed.stdout
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+
+
+def test_dtype_auto_resolves_to_a_real_dtype(tmp_path):
+    configs = json.loads(_wmt("--preset=tiny", "--dtype=auto", "--check_only").stdout)
+    assert configs["model"]["dtype"] in ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------
@@ -252,6 +299,7 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
     train_cfg = config.TrainConfig(
         steps=steps, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
         final_eval_split="", checkpoint_every=0, checkpoint_minutes=0,
+        cooldown_fraction=0.5,  # the learning rate's factor changes every step
     )
     compiled = []
 

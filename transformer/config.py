@@ -233,6 +233,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip_norm: float = 0.0  # 0 disables clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer update
+    # Linear decay of the learning rate to 0 over this last fraction of the run
+    # (of `steps`, or of `train_minutes` when that ends it first); 0: the paper's schedule.
+    cooldown_fraction: float = 0.0
     seed: int = 0
     # The loop: time budget, logging, evaluation, checkpoints.
     train_minutes: float = 0.0  # stop after this much wall time in the loop (0: no limit)
@@ -272,6 +275,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ConfigError(f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction!r}")
         if self.adam_eps <= 0:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)

@@ -69,6 +69,23 @@ def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTran
     return adam
 
 
+def cooldown_factor(train: TrainConfig, step: int, minutes_left: float | None) -> float:
+    """The learning rate's multiplier at `step`: 1, then linearly down to 0 over
+    the last `cooldown_fraction` of the run.
+
+    The run ends at `steps` or when the `train_minutes` budget is used, whichever
+    comes first, so the factor is the smaller of a step-based and (with a budget)
+    a time-based ramp: a time-budgeted run anneals whatever speed its machine has.
+    """
+    fraction = train.cooldown_fraction
+    if fraction <= 0:
+        return 1.0
+    factor = (train.steps - step) / (fraction * train.steps)
+    if minutes_left is not None and train.train_minutes:
+        factor = min(factor, minutes_left / (fraction * train.train_minutes))
+    return float(min(max(factor, 0.0), 1.0))
+
+
 # ----------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------
@@ -166,6 +183,7 @@ def _gradient_sums(params, batch, rng, model, train: TrainConfig):
 def train_step(
     state: TrainState,
     batch: dict,
+    lr_factor: jax.Array | float = 1.0,
     *,
     model: Transformer,
     optimizer: optax.GradientTransformation,
@@ -174,8 +192,10 @@ def train_step(
     """One optimizer update on a global batch -> (new state, metrics).
 
     The loss is normalized by the non-padding target tokens of the whole
-    global batch (all micro-batches). A step whose loss or gradient is not
-    finite changes nothing but the step counter and is flagged in the metrics.
+    global batch (all micro-batches). `lr_factor` multiplies the scheduled
+    learning rate (the loop's cooldown; Adam's update is linear in it). A step
+    whose loss or gradient is not finite changes nothing but the step counter
+    and is flagged in the metrics.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     grads, sums = _gradient_sums(state.params, batch, rng, model, train)
@@ -183,6 +203,7 @@ def train_step(
     grads = jax.tree.map(lambda g: g / tokens, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * lr_factor, updates)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
@@ -196,7 +217,7 @@ def train_step(
         "target_tokens": sums["tokens"],
         "source_tokens": sums["source_tokens"],
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(state.step) * lr_factor,
         "nonfinite": (~finite).astype(jnp.int32),
     }
     new_state = state.replace(
@@ -208,10 +229,14 @@ def train_step(
 
 
 def jit_train_step(model, optimizer, train: TrainConfig, mesh, state_shardings):
-    """train_step jitted over the mesh: state donated, batch rows split over (data, fsdp)."""
+    """train_step jitted over the mesh: state donated, batch rows split over (data, fsdp).
+
+    Called as step(state, batch, lr_factor); lr_factor is a traced scalar, so
+    changing it does not recompile.
+    """
     return jax.jit(
         functools.partial(train_step, model=model, optimizer=optimizer, train=train),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -290,6 +315,10 @@ class Preemption:
         self.requested = True
 
 
+# Model settings that change how, not what, is computed: a run may resume with others.
+COMPUTE_ONLY = ("dtype", "remat")
+
+
 def _write_config(setup: Setup) -> None:
     """workdir/config.json: what translate/evaluate need; refuses another model's workdir."""
     path = epath.Path(setup.workdir) / "config.json"
@@ -299,11 +328,13 @@ def _write_config(setup: Setup) -> None:
         "train": dataclasses.asdict(setup.train),
     }
     if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("model") != record["model"]:
-            changed = sorted(
-                k for k in record["model"] if previous.get("model", {}).get(k) != record["model"][k]
-            )
+        previous = json.loads(path.read_text()).get("model", {})
+        changed = sorted(
+            k
+            for k in record["model"]
+            if k not in COMPUTE_ONLY and previous.get(k) != record["model"][k]
+        )
+        if changed:
             raise checkpoint.CheckpointError(
                 f"{setup.workdir} holds a model with a different config ({', '.join(changed)}); "
                 "use a new --workdir or the same model flags"
@@ -520,6 +551,9 @@ def _loop(
             return None
         return cfg.train_minutes - training_seconds() / 60
 
+    def lr_factor():
+        return cooldown_factor(cfg, step, minutes_left())
+
     try:
         while step < cfg.steps and not preemption.requested:
             left = minutes_left()
@@ -528,7 +562,7 @@ def _loop(
                 break
             local = next(iterator)
             batch = sharding.global_batch(mesh, local)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, np.float32(lr_factor()))
             step += 1
             rows, length = batch["targets"].shape
             progress.add(
