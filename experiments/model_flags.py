@@ -60,8 +60,17 @@ for _name, _help in _BOOL_OVERRIDES.items():
     flags.DEFINE_bool(_name, None, _help + " Default: the preset's.")
 
 
-def model_config() -> config.ModelConfig:
-    """The validated ModelConfig from --preset and the override flags."""
+def dtype_is_auto() -> bool:
+    return flags.FLAGS["dtype"].value == "auto"
+
+
+def model_config(resolve_auto: bool = True) -> config.ModelConfig:
+    """The validated ModelConfig from --preset and the override flags.
+
+    --dtype=auto is measured here unless resolve_auto is False (then the
+    preset's dtype stands in): measuring starts JAX's backend, which a
+    multi-process run must not do before jax.distributed.initialize().
+    """
     values = flags.FLAGS
     overrides = {
         name: values[name].value
@@ -73,7 +82,10 @@ def model_config() -> config.ModelConfig:
         overrides.setdefault("num_encoder_layers", layers)
         overrides.setdefault("num_decoder_layers", layers)
     if overrides.get("dtype") == "auto":
-        overrides["dtype"] = flops.fastest_dtype()
+        if resolve_auto:
+            overrides["dtype"] = flops.fastest_dtype()
+        else:
+            del overrides["dtype"]
     base = config.preset(_PRESET.value)
     if {"d_model", "num_heads"} & overrides.keys():
         overrides = _derive_head_sizes(base, overrides)

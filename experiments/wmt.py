@@ -114,9 +114,11 @@ _CHECK_ONLY = flags.DEFINE_bool(
 )
 
 
-def build_configs() -> tuple[config.ModelConfig, config.DataConfig, config.TrainConfig]:
+def build_configs(
+    resolve_auto: bool = True,
+) -> tuple[config.ModelConfig, config.DataConfig, config.TrainConfig]:
     """Validated configs from the flags; ConfigError names the bad flag."""
-    model = model_flags.model_config()
+    model = model_flags.model_config(resolve_auto)
     data = config.DataConfig(
         **{f.name: FLAGS[f.name].value for f in _DATA_FIELDS}, max_len=model.max_len
     )
@@ -157,7 +159,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
-    model, data, train = build_configs()
+    model, data, train = build_configs(resolve_auto=_CHECK_ONLY.value)
     if _CHECK_ONLY.value:
         print(
             json.dumps(
@@ -175,7 +177,10 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     import jax
 
-    from transformer import sharding
+    from transformer import flops, sharding
+
+    if model_flags.dtype_is_auto():
+        model = model.replace(dtype=flops.fastest_dtype())
     from transformer.train import Setup, train_and_evaluate
 
     sizes = sharding.parse_mesh(_MESH.value, jax.device_count())

@@ -231,9 +231,13 @@ def _beam_on_model(model, params, inputs, beam_size, alpha):
     length = decoding.output_length(model.config, inputs.shape[1], 50)
     step_fn, cache = decoding.model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     tokens, _, _ = decoding.beam_search(
-        step_fn, decoding.reorder_self_attention, cache,
+        step_fn,
+        decoding.reorder_self_attention,
+        cache,
         decoding.max_output_lengths(inputs, 50, length),
-        length=length, beam_size=beam_size, alpha=alpha,
+        length=length,
+        beam_size=beam_size,
+        alpha=alpha,
     )
     return tokens
 
@@ -273,3 +277,30 @@ def test_self_attention_cache_moves_and_cross_attention_cache_does_not(tiny_mode
     np.testing.assert_array_equal(layer["self_attention"]["key"][:, 0, 0, 0], rows)
     assert layer["cross_attention"]["key"].shape[0] == 2  # per source, not per beam
     np.testing.assert_array_equal(layer["cross_attention"]["key"][:, 0, 0, 0], [0, 1])
+
+
+@pytest.mark.parametrize("sources, beams", [(3, 4), (5, 1)])
+def test_grouped_log_softmax_equals_the_plain_one(sources, beams):
+    logits = jax.random.normal(jax.random.key(0), (sources * beams, 50), jnp.bfloat16) * 5
+    got = decoding.log_softmax_grouped(logits, sources)
+    assert got.dtype == jnp.float32 and got.shape == (sources * beams, 50)
+    want = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_best_extensions_equal_one_top_k_over_all_candidates():
+    rng = np.random.default_rng(0)
+    b, w, v, k = 6, 4, 40, 8
+    # Values on a coarse grid: many exact ties, within and across beams.
+    log_probs = jnp.asarray(rng.integers(-6, 0, (b, w, v)), jnp.float32)
+    alive = jnp.asarray(rng.integers(-3, 0, (b, w)), jnp.float32)
+    scores, beam, token = decoding.best_extensions(alive, log_probs, k)
+    flat_scores, flat = jax.lax.top_k((alive[:, :, None] + log_probs).reshape(b, -1), k)
+    np.testing.assert_array_equal(scores, flat_scores)
+    np.testing.assert_array_equal(beam, flat // v)
+    np.testing.assert_array_equal(token, flat % v)
+    # Fewer tokens than candidates wanted per beam (a tiny vocabulary).
+    scores, beam, token = decoding.best_extensions(alive, log_probs[..., :3], k)
+    flat_scores, flat = jax.lax.top_k((alive[:, :, None] + log_probs[..., :3]).reshape(b, -1), k)
+    np.testing.assert_array_equal(scores, flat_scores)
+    np.testing.assert_array_equal(token, flat % 3)

@@ -37,11 +37,18 @@ def _train_two_processes(args: list[str]) -> list[str]:
     procs = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "experiments.wmt", *args,
-                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                sys.executable,
+                "-m",
+                "experiments.wmt",
+                *args,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
                 f"--process_id={i}",
             ],
-            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -65,14 +72,25 @@ def _losses(workdir) -> dict[int, float]:
 
 def test_two_processes_equal_one_process_and_resume(ding_sample, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
+    # A time budget that does not run out and --dtype=auto: both are decided by
+    # process 0 and shared, so that the processes stop, anneal and compute alike.
+    shared = ["--train_minutes=60", "--dtype=auto"]
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.wmt", *tiny_training_args(ding_sample, single, 8)],
-        env=_env(8), capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "experiments.wmt",
+            *tiny_training_args(ding_sample, single, 8),
+            *shared,
+        ],
+        env=_env(8),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    _train_two_processes(tiny_training_args(ding_sample, multi, 4))  # checkpoint at step 4
-    outputs = _train_two_processes(tiny_training_args(ding_sample, multi, 8))
+    _train_two_processes([*tiny_training_args(ding_sample, multi, 4), *shared])  # saves step 4
+    outputs = _train_two_processes([*tiny_training_args(ding_sample, multi, 8), *shared])
     assert "resumed from step 4" in outputs[0]
     # Only process 0 speaks (gloo's own connection messages aside).
     assert [line for line in outputs[1].splitlines() if not line.startswith("[Gloo]")] == []

@@ -203,10 +203,14 @@ def test_the_learning_rate_factor_scales_the_update(batches):
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 
 
-def _wmt(*args, check=True):
+def _wmt(*args, check=True, cwd=None):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.wmt", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "experiments.wmt", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
@@ -235,6 +239,24 @@ def test_a_stopped_run_resumes_where_it_stopped(ding_sample, tmp_path):
     )
     results = json.loads((resumed / "results.json").read_text())
     assert results["step"] == 12 and results["validation_loss"] < 6.0
+
+
+def test_a_relative_workdir_saves_resumes_and_translates(ding_sample, tmp_path):
+    # As the README's demo command gives it: --workdir=workdirs/ding.
+    args = [a for a in _tiny_args(ding_sample, "x", 4) if not a.startswith("--workdir")]
+    _wmt(*args, "--checkpoint_every=2", "--workdir=runs/rel", cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "runs/rel/checkpoints")) == ["2", "4"]
+    resumed = _wmt(*args, "--checkpoint_every=2", "--steps=6", "--workdir=runs/rel", cwd=tmp_path)
+    assert "resumed from step 4" in resumed.stdout
+    translated = subprocess.run(
+        [sys.executable, "-m", "experiments.translate", "--workdir=runs/rel", "--beam=1"],
+        input="Das Haus.\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert translated.returncode == 0, translated.stderr[-2000:]
+    assert len(translated.stdout.splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))
@@ -275,14 +297,40 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     assert result.returncode == 1
     assert "different config (d_ff)" in result.stderr.strip().splitlines()[-1]
     # The compute dtype is not part of the model: a run may resume with another.
-    resumed = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--dtype=bfloat16")
+    resumed = _wmt(*_tiny_args(ding_sample, tmp_path, 4), "--dtype=bfloat16", "--remat")
     assert "resumed from step 2" in resumed.stdout
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+    model = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert model["dtype"] == "bfloat16" and model["remat"] is True
+
+
+def test_the_loop_anneals_the_learning_rate(ding_sample, tmp_path):
+    _wmt(*_tiny_args(ding_sample, tmp_path, 6), "--cooldown_fraction=0.5")
+    logged = [
+        json.loads(line)["train/learning_rate"]
+        for line in open(tmp_path / "metrics.jsonl")
+        if "train/learning_rate" in line
+    ]
+    cfg = config.TrainConfig(steps=6, cooldown_fraction=0.5)
+    schedule = train.learning_rate_schedule(config.preset("tiny").d_model, 10)
+    expected = [float(schedule(s)) * train.cooldown_factor(cfg, s, None) for s in range(6)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)
+    assert logged[5] < float(schedule(5)) / 2  # the last step runs at a third of the rate
 
 
 def test_dtype_auto_resolves_to_a_real_dtype(tmp_path):
     configs = json.loads(_wmt("--preset=tiny", "--dtype=auto", "--check_only").stdout)
     assert configs["model"]["dtype"] in ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "bf16, f32, expected", [(0.4, 0.2, "bfloat16"), (0.08, 0.13, "float32"), (0.21, 0.2, "float32")]
+)
+def test_auto_dtype_takes_bfloat16_only_where_clearly_faster(monkeypatch, bf16, f32, expected):
+    from transformer import flops
+
+    peaks = {"bfloat16": bf16 * 1e12, "float32": f32 * 1e12}
+    monkeypatch.setattr(flops, "measured_matmul_peak", lambda dtype="float32", **_: peaks[dtype])
+    assert flops.fastest_dtype() == expected
 
 
 # ----------------------------------------------------------------------------
@@ -297,8 +345,14 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
     model_cfg = config.preset("tiny").replace(vocab_size=350, max_len=32)
     data = ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1)
     train_cfg = config.TrainConfig(
-        steps=steps, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
-        final_eval_split="", checkpoint_every=0, checkpoint_minutes=0,
+        steps=steps,
+        warmup_steps=10,
+        log_every=50,
+        eval_every=0,
+        eval_bleu_sentences=0,
+        final_eval_split="",
+        checkpoint_every=0,
+        checkpoint_minutes=0,
         cooldown_fraction=0.5,  # the learning rate's factor changes every step
     )
     compiled = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any
 
@@ -36,6 +37,9 @@ class CheckpointError(Exception):
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+    """workdir/checkpoints, made absolute (orbax refuses relative paths)."""
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / CHECKPOINTS
 
 

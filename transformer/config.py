@@ -276,7 +276,9 @@ class TrainConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         if not 0.0 <= self.cooldown_fraction <= 1.0:
-            raise ConfigError(f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction!r}")
+            raise ConfigError(
+                f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction!r}"
+            )
         if self.adam_eps <= 0:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)

@@ -67,6 +67,26 @@ def _previous_tokens(sequences: jax.Array, step: jax.Array) -> jax.Array:
     return jnp.where(step == 0, BOS_ID, previous)
 
 
+def best_extensions(
+    alive_logp: jax.Array, log_probs: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The k best one-token extensions of W hypotheses per sentence.
+
+    alive_logp [B, W], log_probs [B, W, V] -> (scores [B, k], beam [B, k],
+    token [B, k]), best first: the top k of alive_logp + log_probs over W x V.
+    They are all among each beam's own best k, so two small top-ks (over V per
+    beam, then over W x k) replace one over W x V, in the same order (ties go
+    to the lower beam, then the lower token); a third faster on CPU.
+    """
+    batch, vocab = log_probs.shape[0], log_probs.shape[-1]
+    per_beam = min(k, vocab)
+    beam_best, beam_tokens = jax.lax.top_k(log_probs, per_beam)  # [B, W, k]
+    candidates = (alive_logp[:, :, None] + beam_best).reshape(batch, -1)
+    scores, flat = jax.lax.top_k(candidates, k)  # [B, k]
+    token = jnp.take_along_axis(beam_tokens.reshape(batch, -1), flat, axis=1)
+    return scores, flat // per_beam, token
+
+
 def beam_search(
     step_fn: StepFn,
     reorder_fn: ReorderFn,
@@ -94,17 +114,9 @@ def beam_search(
         tokens = _previous_tokens(state["alive"], step).reshape(batch * width, 1)
         log_probs, cache = step_fn(cache, tokens, step)
         log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
-        vocab = log_probs.shape[-1]
         log_probs = _only_eos_at_last(log_probs, step + 1 >= max_lengths)
-        # 2W candidates: even if W of them end in EOS, W remain to continue. The
-        # best 2W of all W x V are among each beam's best 2W: two small top-ks
-        # instead of one over W x V (same result, ties included, a third faster).
-        per_beam = min(2 * width, vocab)
-        beam_best, beam_tokens = jax.lax.top_k(log_probs, per_beam)  # [B, W, 2W]
-        candidates = (state["alive_logp"][:, :, None] + beam_best).reshape(batch, -1)
-        scores, flat = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]
-        origin = flat // per_beam
-        token = jnp.take_along_axis(beam_tokens.reshape(batch, -1), flat, axis=1)
+        # 2W candidates: even if W of them end in EOS, W remain to continue.
+        scores, origin, token = best_extensions(state["alive_logp"], log_probs, 2 * width)
         sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
         sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, step, axis=2)
 
@@ -232,12 +244,12 @@ def model_step(model: Transformer, params: Any, inputs: jax.Array, hypotheses: i
             {"params": params, "cache": cache}, inputs, tokens, step,
             method=Transformer.decode_step, mutable=["cache"],
         )  # fmt: skip
-        return _log_softmax(logits[:, 0], inputs.shape[0]), variables["cache"]
+        return log_softmax_grouped(logits[:, 0], inputs.shape[0]), variables["cache"]
 
     return step_fn, variables["cache"]
 
 
-def _log_softmax(logits: jax.Array, sources: int) -> jax.Array:
+def log_softmax_grouped(logits: jax.Array, sources: int) -> jax.Array:
     """logits [B*W, V] -> float32 log-probabilities, normalised over [B, W, V].
 
     The same values as over [B*W, V]; the 3-D shape keeps XLA:CPU from fusing

@@ -13,6 +13,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from transformer.config import ModelConfig
 
@@ -88,7 +90,10 @@ def fastest_dtype() -> str:
     if jax.devices()[0].platform != "cpu":
         return "bfloat16"
     bf16, f32 = measured_matmul_peak("bfloat16"), measured_matmul_peak("float32")
-    return "bfloat16" if bf16 > 1.1 * f32 else "float32"
+    choice = np.int32(bf16 > 1.1 * f32)
+    if jax.process_count() > 1:  # every process must compute alike: process 0's choice
+        choice = multihost_utils.broadcast_one_to_all(choice)
+    return "bfloat16" if int(choice) else "float32"
 
 
 def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:

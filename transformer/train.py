@@ -1,6 +1,6 @@
 """Training: the label-smoothed loss, the paper's optimizer and schedule, the step, the loop.
 
-`train_step(state, batch) -> (state, metrics)` is a plain function, jitted
+`train_step(state, batch, lr_factor) -> (state, metrics)` is a plain function, jitted
 with the state donated and sharded over the mesh; `train_and_evaluate` is the
 one loop that drives it: data, checkpoints, logging, evaluation.
 
@@ -546,13 +546,21 @@ def _loop(
         }
         checkpoint.save(mngr, step, state.params, state.opt_state, meta)
 
+    shared_clock = {}
+
     def minutes_left():
         if not cfg.train_minutes:
             return None
-        return cfg.train_minutes - training_seconds() / 60
-
-    def lr_factor():
-        return cooldown_factor(cfg, step, minutes_left())
+        seconds = training_seconds()
+        if jax.process_count() > 1:
+            # One clock for all processes (they must stop and anneal alike): process
+            # 0's, fetched every 10 steps, at the same steps everywhere.
+            if step % 10 == 0 or "seconds" not in shared_clock:
+                shared_clock["seconds"] = float(
+                    multihost_utils.broadcast_one_to_all(np.float32(seconds))
+                )
+            seconds = shared_clock["seconds"]
+        return cfg.train_minutes - seconds / 60
 
     try:
         while step < cfg.steps and not preemption.requested:
@@ -562,7 +570,7 @@ def _loop(
                 break
             local = next(iterator)
             batch = sharding.global_batch(mesh, local)
-            state, metrics = step_fn(state, batch, np.float32(lr_factor()))
+            state, metrics = step_fn(state, batch, np.float32(cooldown_factor(cfg, step, left)))
             step += 1
             rows, length = batch["targets"].shape
             progress.add(
