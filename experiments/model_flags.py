@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from transformer import config, flops
+from transformer import config
 
 _PRESET = flags.DEFINE_enum(
     "preset",
@@ -64,12 +64,11 @@ def dtype_is_auto() -> bool:
     return flags.FLAGS["dtype"].value == "auto"
 
 
-def model_config(resolve_auto: bool = True) -> config.ModelConfig:
+def model_config() -> config.ModelConfig:
     """The validated ModelConfig from --preset and the override flags.
 
-    --dtype=auto is measured here unless resolve_auto is False (then the
-    preset's dtype stands in): measuring starts JAX's backend, which a
-    multi-process run must not do before jax.distributed.initialize().
+    With --dtype=auto the preset's dtype stands in: the caller measures when
+    it may start JAX's backend (see flops.fastest_dtype).
     """
     values = flags.FLAGS
     overrides = {
@@ -82,10 +81,7 @@ def model_config(resolve_auto: bool = True) -> config.ModelConfig:
         overrides.setdefault("num_encoder_layers", layers)
         overrides.setdefault("num_decoder_layers", layers)
     if overrides.get("dtype") == "auto":
-        if resolve_auto:
-            overrides["dtype"] = flops.fastest_dtype()
-        else:
-            del overrides["dtype"]
+        del overrides["dtype"]
     base = config.preset(_PRESET.value)
     if {"d_model", "num_heads"} & overrides.keys():
         overrides = _derive_head_sizes(base, overrides)

@@ -114,11 +114,9 @@ _CHECK_ONLY = flags.DEFINE_bool(
 )
 
 
-def build_configs(
-    resolve_auto: bool = True,
-) -> tuple[config.ModelConfig, config.DataConfig, config.TrainConfig]:
+def build_configs() -> tuple[config.ModelConfig, config.DataConfig, config.TrainConfig]:
     """Validated configs from the flags; ConfigError names the bad flag."""
-    model = model_flags.model_config(resolve_auto)
+    model = model_flags.model_config()
     data = config.DataConfig(
         **{f.name: FLAGS[f.name].value for f in _DATA_FIELDS}, max_len=model.max_len
     )
@@ -156,11 +154,21 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()  # a Cloud TPU pod slice: everything comes from the VM
 
 
+def _resolve_dtype(model: config.ModelConfig) -> config.ModelConfig:
+    """--dtype=auto -> the dtype that runs faster here (process 0's choice)."""
+    if not model_flags.dtype_is_auto():
+        return model
+    from transformer import flops
+
+    return model.replace(dtype=flops.fastest_dtype())
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
-    model, data, train = build_configs(resolve_auto=_CHECK_ONLY.value)
+    model, data, train = build_configs()
     if _CHECK_ONLY.value:
+        model = _resolve_dtype(model)
         print(
             json.dumps(
                 {
@@ -177,12 +185,10 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     import jax
 
-    from transformer import flops, sharding
-
-    if model_flags.dtype_is_auto():
-        model = model.replace(dtype=flops.fastest_dtype())
+    from transformer import sharding
     from transformer.train import Setup, train_and_evaluate
 
+    model = _resolve_dtype(model)  # after initialize: measuring starts the backend
     sizes = sharding.parse_mesh(_MESH.value, jax.device_count())
     sharding.check_divisibility(sizes, model, data.batch_rows if data.batching == "packed" else 0)
     logging.info("model %s, data %s, train %s", model, data, train)
