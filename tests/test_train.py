@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -315,6 +316,26 @@ def test_the_loop_anneals_the_learning_rate(ding_sample, tmp_path):
     expected = [float(schedule(s)) * train.cooldown_factor(cfg, s, None) for s in range(6)]
     np.testing.assert_allclose(logged, expected, rtol=1e-5)
     assert logged[5] < float(schedule(5)) / 2  # the last step runs at a third of the rate
+    # TensorBoard holds the same series as metrics.jsonl.
+    events = _tensorboard_scalars(tmp_path / "tensorboard")
+    np.testing.assert_allclose(events["train/learning_rate"], logged, rtol=1e-6)
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[float]]:
+    """Scalars of the event files in `folder`, read as TFRecords (length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    series = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                series.setdefault(value.tag, []).append(value.simple_value)
+    return series
 
 
 def test_dtype_auto_resolves_to_a_real_dtype(tmp_path):
@@ -339,7 +360,11 @@ def test_auto_dtype_takes_bfloat16_only_where_clearly_faster(monkeypatch, bf16, 
 
 
 def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
-    """Backend compilations (jax.monitoring events) during one in-process training run."""
+    """Executables built during one in-process training run (jax.monitoring events).
+
+    An executable is either compiled by the backend or loaded from the
+    persistent compilation cache that the test session shares (conftest.py).
+    """
     from transformer.train import Setup, train_and_evaluate
 
     model_cfg = config.preset("tiny").replace(vocab_size=350, max_len=32)
@@ -357,15 +382,21 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
     )
     compiled = []
 
-    def listener(event, duration, **kwargs):
+    def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(duration)
+            compiled.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         train_and_evaluate(Setup(model_cfg, train_cfg, data, str(workdir), mesh="data:-1"))
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
     return len(compiled)
 
 

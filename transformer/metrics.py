@@ -69,6 +69,11 @@ def evaluate_translations(hypotheses: list[str], references: list[str], lang: st
 class SummaryWriter:
     """Scalars to TensorBoard event files (no TensorFlow needed) and to metrics.jsonl.
 
+    Events are written in the calling thread and flushed with each call, so an
+    error (a full disk) is raised where it happens. tensorboardX's own writer
+    queues events for a thread of its own; when that thread dies, the queue
+    fills and the next write blocks forever.
+
     Only the process that is told it is the chief writes; others do nothing.
     """
 
@@ -76,30 +81,26 @@ class SummaryWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter as EventWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         path = self.path = epath.Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        self._events = EventWriter(str(path / "tensorboard"))
+        (path / "tensorboard").mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(path / "tensorboard" / "events"))
         self._jsonl = (path / "metrics.jsonl").open("a")
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        # tensorboardX writes from a thread; if that thread died (a full disk), its
-        # queue fills and add_scalar would block forever: fail instead.
-        if not self._events._get_file_writer().event_writer._worker.is_alive():
-            raise OSError(
-                f"the TensorBoard event writer for {self.path} stopped (is the disk full?)"
-            )
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
         for name, value in scalars.items():
             if isinstance(value, int | float):
-                self._events.add_scalar(f"{prefix}{name}", value, step)
-        record = {
-            "step": step,
-            "time": time.time(),
-            **{f"{prefix}{k}": v for k, v in scalars.items()},
-        }
+                summary = scalar(f"{prefix}{name}", value)
+                self._events.write_event(Event(wall_time=now, step=step, summary=summary))
+        self._events.flush()
+        record = {"step": step, "time": now, **{f"{prefix}{k}": v for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
