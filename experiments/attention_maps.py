@@ -36,8 +36,11 @@ def main(argv: list[str]) -> None:
             f"--sentence has {len(source_ids)} tokens; the model takes at most {max_tokens}"
         )
     translator = Translator(
-        model.model, model.params, vocab,
-        beam_size=trained_flags.BEAM.value, alpha=trained_flags.ALPHA.value,
+        model.model,
+        model.params,
+        vocab,
+        beam_size=trained_flags.BEAM.value,
+        alpha=trained_flags.ALPHA.value,
     )
     translation = translator.translate([SENTENCE.value])[0]
     target_ids = vocab.encode(translation)[:max_tokens]

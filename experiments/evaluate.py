@@ -79,8 +79,11 @@ def main(argv: list[str]) -> None:
     else:
         sources, references, name = pairs_from_split(data)
     translator = Translator(
-        model.model, model.params, model.vocab,
-        beam_size=trained_flags.BEAM.value, alpha=trained_flags.ALPHA.value,
+        model.model,
+        model.params,
+        model.vocab,
+        beam_size=trained_flags.BEAM.value,
+        alpha=trained_flags.ALPHA.value,
     )
     hypotheses = translator.translate(sources)
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])

@@ -44,8 +44,11 @@ def test_translate_gives_one_line_per_input_line(trained_workdir, tmp_path):
     source.write_bytes(b"\n".join(HARD_INPUT) + b"\n")
     out = tmp_path / "out.txt"
     result = run_module(
-        "experiments.translate", f"--workdir={trained_workdir}",
-        f"--input={source}", f"--output={out}", "--chunk_lines=4",
+        "experiments.translate",
+        f"--workdir={trained_workdir}",
+        f"--input={source}",
+        f"--output={out}",
+        "--chunk_lines=4",
     )
     lines = _lines(out.read_bytes())
     assert len(lines) == len(HARD_INPUT)
@@ -108,8 +111,11 @@ def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
 
 def test_averaging_more_checkpoints_than_exist_is_refused(trained_workdir, tmp_path):
     result = run_module(
-        "experiments.average", f"--workdir={trained_workdir}", "--last=5",
-        f"--output={tmp_path / 'avg'}", check=False,
+        "experiments.average",
+        f"--workdir={trained_workdir}",
+        "--last=5",
+        f"--output={tmp_path / 'avg'}",
+        check=False,
     )
     line = _one_line_error(result, "experiments.average")
     assert "has 3 (steps 80, 160, 240); ask for at most 3" in line
@@ -121,14 +127,17 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     (tmp_path / "src.txt").write_text("\n".join(sources) + "\n")
     hyps = _lines(
         run_module(
-            "experiments.translate", f"--workdir={trained_workdir}",
+            "experiments.translate",
+            f"--workdir={trained_workdir}",
             stdin=("\n".join(sources) + "\n").encode(),
         ).stdout
     )
     (tmp_path / "ref.txt").write_text("\n".join(hyps) + "\n")  # references = own output
     result = run_module(
-        "experiments.evaluate", f"--workdir={trained_workdir}",
-        f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
+        "experiments.evaluate",
+        f"--workdir={trained_workdir}",
+        f"--source_file={tmp_path / 'src.txt'}",
+        f"--reference_file={tmp_path / 'ref.txt'}",
         f"--hypotheses={tmp_path / 'hyp.txt'}",
     )
     scores = json.loads(result.stdout.decode().strip().splitlines()[-1])
@@ -137,8 +146,11 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert (tmp_path / "hyp.txt").read_text().splitlines() == hyps
 
     result = run_module(
-        "experiments.evaluate", f"--workdir={trained_workdir}", "--split=test",
-        "--average_last=2", "--beam=2",
+        "experiments.evaluate",
+        f"--workdir={trained_workdir}",
+        "--split=test",
+        "--average_last=2",
+        "--beam=2",
     )
     text = result.stdout.decode()
     assert "the average of steps 160, 240" in text and "not comparable to sacreBLEU" in text
@@ -150,15 +162,20 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
 
 def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):
     result = run_module(
-        "experiments.attention_maps", f"--workdir={trained_workdir}",
-        "--sentence=Der Hund sieht das grüne Haus.", f"--out_dir={tmp_path}",
+        "experiments.attention_maps",
+        f"--workdir={trained_workdir}",
+        "--sentence=Der Hund sieht das grüne Haus.",
+        f"--out_dir={tmp_path}",
     )
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     # tiny: 2 encoder layers (self) and 2 decoder layers (self and encoder-decoder)
     assert pngs == [
-        "decoder_self_layer1.png", "decoder_self_layer2.png",
-        "encoder_decoder_layer1.png", "encoder_decoder_layer2.png",
-        "encoder_self_layer1.png", "encoder_self_layer2.png",
+        "decoder_self_layer1.png",
+        "decoder_self_layer2.png",
+        "encoder_decoder_layer1.png",
+        "encoder_decoder_layer2.png",
+        "encoder_self_layer1.png",
+        "encoder_self_layer2.png",
     ]
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -197,8 +214,7 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         small / VOCAB_FILE, lambda: ["ein kleiner Satz", "noch einer"] * 50, 276
     )
     shutil.copy(small / VOCAB_FILE, copy / VOCAB_FILE)
-    result = run_module("experiments.translate", f"--workdir={copy}", stdin=b"Hallo\n",
-                        check=False)
+    result = run_module("experiments.translate", f"--workdir={copy}", stdin=b"Hallo\n", check=False)
     line = _one_line_error(result, "experiments.translate")
     assert "has 276 pieces but the model was trained with 350" in line
 

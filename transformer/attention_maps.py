@@ -31,9 +31,7 @@ def attention_weights(
     model: Transformer, params: Any, inputs: jax.Array, targets: jax.Array
 ) -> dict[tuple[str, int], np.ndarray]:
     """inputs [1, S], targets [1, T] -> {(kind, layer): weights [N, T or S, S or T]}."""
-    _, state = model.apply(
-        {"params": params}, inputs, targets, mutable=["intermediates"]
-    )
+    _, state = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
     found = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
         names = [getattr(k, "key", None) for k in path]
