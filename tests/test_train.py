@@ -360,11 +360,7 @@ def test_auto_dtype_takes_bfloat16_only_where_clearly_faster(monkeypatch, bf16, 
 
 
 def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
-    """Executables built during one in-process training run (jax.monitoring events).
-
-    An executable is either compiled by the backend or loaded from the
-    persistent compilation cache that the test session shares (conftest.py).
-    """
+    """Backend compilations (jax.monitoring events) during one in-process training run."""
     from transformer.train import Setup, train_and_evaluate
 
     model_cfg = config.preset("tiny").replace(vocab_size=350, max_len=32)
@@ -382,21 +378,15 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
     )
     compiled = []
 
-    def on_duration(event, duration, **kwargs):
+    def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
+            compiled.append(duration)
 
-    def on_event(event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            compiled.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         train_and_evaluate(Setup(model_cfg, train_cfg, data, str(workdir), mesh="data:-1"))
     finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
-        jax.monitoring.unregister_event_listener(on_event)
+        jax.monitoring.unregister_event_duration_listener(listener)
     return len(compiled)
 
 
