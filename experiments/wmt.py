@@ -44,6 +44,8 @@ _HELP = {
     "steps": "Optimizer updates (the paper: 100000 base, 300000 big).",
     "warmup_steps": "Linear warmup of the learning rate (the paper: 4000).",
     "learning_rate_scale": "Multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).",
+    "lr_decay": "After the warmup: rsqrt (the paper: step^-0.5) or constant (hold the "
+    "peak; pair it with --cooldown_fraction).",
     "adam_b1": "Adam beta1.",
     "adam_b2": "Adam beta2.",
     "adam_eps": "Adam epsilon.",
@@ -74,6 +76,7 @@ _CHOICES = {
     "dataset": list(config.DATASETS),
     "batching": list(config.BATCHING),
     "nan_policy": list(config.NAN_POLICIES),
+    "lr_decay": list(config.LR_DECAYS),
 }
 
 

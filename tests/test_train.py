@@ -36,6 +36,17 @@ def test_schedule_is_the_papers_formula():
     )
 
 
+def test_constant_decay_holds_the_peak_after_the_warmup():
+    schedule = train.learning_rate_schedule(512, 4000, decay="constant")
+    rsqrt = train.learning_rate_schedule(512, 4000)
+    peak = 512**-0.5 * 4000**-0.5
+    for step in (1, 100, 3999):  # the warmup is the paper's
+        assert float(schedule(step - 1)) == pytest.approx(float(rsqrt(step - 1)), rel=1e-6)
+    for step in (4000, 4001, 20_000, 100_000):
+        assert float(schedule(step - 1)) == pytest.approx(peak, rel=1e-5)
+    assert float(rsqrt(99_999)) < peak / 4  # where the paper's has decayed
+
+
 def test_cooldown_decays_linearly_to_zero_over_the_last_fraction():
     cfg = config.TrainConfig(steps=1000, cooldown_fraction=0.2)
     factors = [train.cooldown_factor(cfg, step, None) for step in (0, 800, 900, 950, 1000)]
@@ -280,6 +291,7 @@ def test_every_shipped_flagfile_validates(name):
         (["--mesh=data:-1,tensor:2"], "does not divide the 1 devices"),
         (["--mesh=model:2"], "mesh axis 'model' unknown"),
         (["--label_smoothing=1.5"], "label_smoothing"),
+        (["--lr_decay=cosine"], "--lr_decay"),
         ([], "--workdir is required"),
     ],
 )
@@ -305,14 +317,16 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
 
 
 def test_the_loop_anneals_the_learning_rate(ding_sample, tmp_path):
-    _wmt(*_tiny_args(ding_sample, tmp_path, 6), "--cooldown_fraction=0.5")
+    # Warmup 2 then the held peak, decaying over the last half of the run.
+    args = ["--cooldown_fraction=0.5", "--lr_decay=constant", "--warmup_steps=2"]
+    _wmt(*_tiny_args(ding_sample, tmp_path, 6), *args)
     logged = [
         json.loads(line)["train/learning_rate"]
         for line in open(tmp_path / "metrics.jsonl")
         if "train/learning_rate" in line
     ]
     cfg = config.TrainConfig(steps=6, cooldown_fraction=0.5)
-    schedule = train.learning_rate_schedule(config.preset("tiny").d_model, 10)
+    schedule = train.learning_rate_schedule(config.preset("tiny").d_model, 2, decay="constant")
     expected = [float(schedule(s)) * train.cooldown_factor(cfg, s, None) for s in range(6)]
     np.testing.assert_allclose(logged, expected, rtol=1e-5)
     assert logged[5] < float(schedule(5)) / 2  # the last step runs at a third of the rate

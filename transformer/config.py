@@ -218,6 +218,7 @@ def preset(name: str) -> ModelConfig:
 
 
 NAN_POLICIES = ("stop", "skip")
+LR_DECAYS = ("rsqrt", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +228,8 @@ class TrainConfig:
     steps: int = 100_000
     warmup_steps: int = 4000
     learning_rate_scale: float = 1.0  # multiplies d_model^-0.5 * min(...)
+    # After the warmup: the paper's inverse square root, or hold the peak (with a cooldown).
+    lr_decay: Literal["rsqrt", "constant"] = "rsqrt"
     adam_b1: float = 0.9
     adam_b2: float = 0.98
     adam_eps: float = 1e-9
@@ -282,6 +285,7 @@ class TrainConfig:
         if self.adam_eps <= 0:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _check_choice("lr_decay", self.lr_decay, LR_DECAYS)
         _check_choice("final_eval_split", self.final_eval_split, ("", "validation", "test"))
         return self
 

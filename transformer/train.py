@@ -46,24 +46,36 @@ class TrainState:
     rng: jax.Array  # uint32[2]: the run's dropout key; step keys are folded in
 
 
-def learning_rate_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):
+def learning_rate_schedule(
+    d_model: int, warmup_steps: int, scale: float = 1.0, decay: str = "rsqrt"
+):
     """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step from 1.
 
     Linear warmup for `warmup_steps`, then decay with the inverse square root
-    of the step (the paper's equation 3).
+    of the step (the paper's equation 3). With decay="constant" the rate holds
+    its peak, scale * (d_model * warmup)^-0.5, after the warmup (for short runs
+    that end with a cooldown).
     """
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0
-        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+        after_warmup = step**-0.5 if decay == "rsqrt" else jnp.float32(warmup_steps**-0.5)
+        return scale * d_model**-0.5 * jnp.minimum(after_warmup, step * warmup_steps**-1.5)
 
     return schedule
 
 
+def _schedule(model: ModelConfig, train: TrainConfig):
+    return learning_rate_schedule(
+        model.d_model, train.warmup_steps, train.learning_rate_scale, train.lr_decay
+    )
+
+
 def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
     """Adam(0.9, 0.98, 1e-9) on the paper's schedule, optionally after norm clipping."""
-    schedule = learning_rate_schedule(model.d_model, train.warmup_steps, train.learning_rate_scale)
-    adam = optax.adam(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps)
+    adam = optax.adam(
+        _schedule(model, train), b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps
+    )
     if train.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adam)
     return adam
@@ -207,9 +219,7 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    schedule = learning_rate_schedule(
-        model.config.d_model, train.warmup_steps, train.learning_rate_scale
-    )
+    schedule = _schedule(model.config, train)
     metrics = {
         "loss": sums["loss"] / tokens,
         "nll": sums["nll"] / tokens,
