@@ -55,16 +55,15 @@ def _einsum_in_natural_order(equation: str, a: jax.Array, b: jax.Array) -> jax.A
     """
     inputs, out = equation.split("->")
     lhs, rhs = inputs.split(",")
-    natural = (
+    if a.dtype != jnp.float32:
+        # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 kernel for some of the
+        # reordered dots (seen in the model's remat backward); keep einsum's order.
+        return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+    natural = "".join(
         [i for i in lhs if i in rhs and i in out]
         + [i for i in lhs if i not in rhs and i in out]
         + [i for i in rhs if i not in lhs and i in out]
     )
-    natural = "".join(natural)
-    if a.dtype != jnp.float32:
-        # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 kernel for some of the
-        # reordered dots (seen in the model's remat backward); keep einsum's order.
-        natural = out
     result = jnp.einsum(f"{lhs},{rhs}->{natural}", a, b, preferred_element_type=jnp.float32)
     return result.transpose([natural.index(i) for i in out])
 
