@@ -39,8 +39,7 @@ def main(argv: list[str]) -> None:
         model.model,
         model.params,
         vocab,
-        beam_size=trained_flags.BEAM.value,
-        alpha=trained_flags.ALPHA.value,
+        **trained_flags.decoding(model),
     )
     translation = translator.translate([SENTENCE.value])[0]
     target_ids = vocab.encode(translation)[:max_tokens]

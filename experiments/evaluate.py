@@ -82,8 +82,7 @@ def main(argv: list[str]) -> None:
         model.model,
         model.params,
         model.vocab,
-        beam_size=trained_flags.BEAM.value,
-        alpha=trained_flags.ALPHA.value,
+        **trained_flags.decoding(model),
     )
     hypotheses = translator.translate(sources)
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
@@ -91,7 +90,10 @@ def main(argv: list[str]) -> None:
     out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
-    print(f"{name}: {len(sources)} sentences, {model.describe()}, beam {translator.beam_size}")
+    print(
+        f"{name}: {len(sources)} sentences, {model.describe()}, "
+        f"beam {translator.beam_size}, alpha {translator.alpha:g}"
+    )
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
     print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")
     print(

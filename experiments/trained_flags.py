@@ -12,8 +12,14 @@ STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (defa
 AVERAGE_LAST = flags.DEFINE_integer(
     "average_last", 0, "Average the parameters of the last K checkpoints (the paper: 5 or 20)."
 )
-BEAM = flags.DEFINE_integer("beam", 4, "Beam size (1: greedy decoding; the paper: 4).")
-ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty ((5 + len) / 6)^alpha (the paper: 0.6).")
+BEAM = flags.DEFINE_integer(
+    "beam", None, "Beam size (1: greedy decoding). Default: the workdir's --beam_size."
+)
+ALPHA = flags.DEFINE_float(
+    "alpha",
+    None,
+    "Length penalty ((5 + len) / 6)^alpha. Default: the workdir's --length_penalty.",
+)
 
 
 def check() -> None:
@@ -26,12 +32,20 @@ def check() -> None:
         raise UserError(f"--step must be >= 0, got {STEP.value}")
     if AVERAGE_LAST.value < 0:
         raise UserError(f"--average_last must be >= 0, got {AVERAGE_LAST.value}")
-    if BEAM.value < 1:
+    if BEAM.value is not None and BEAM.value < 1:
         raise UserError(f"--beam must be >= 1, got {BEAM.value}")
-    if ALPHA.value < 0:
+    if ALPHA.value is not None and ALPHA.value < 0:
         raise UserError(f"--alpha must be >= 0, got {ALPHA.value}")
 
 
 def load() -> trained.Trained:
     check()
     return trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
+
+
+def decoding(model: trained.Trained) -> dict:
+    """Beam size and length penalty: the flags where given, else those the workdir trained with
+    (so that a workdir's final scores are reproduced by default)."""
+    beam = model.train.beam_size if BEAM.value is None else BEAM.value
+    alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
+    return {"beam_size": beam, "alpha": alpha}

@@ -129,8 +129,7 @@ def main(argv: list[str]) -> None:
         model.model,
         model.params,
         model.vocab,
-        beam_size=trained_flags.BEAM.value,
-        alpha=trained_flags.ALPHA.value,
+        **trained_flags.decoding(model),
         tokens_per_batch=TOKENS_PER_BATCH.value,
     )
     progress = ProgressBar(_count_lines(INPUT.value)) if INPUT.value else None

@@ -160,6 +160,23 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1]) > 0
 
 
+def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert (cfg["train"]["beam_size"], cfg["train"]["length_penalty"]) != (2, 1.5)
+    cfg["train"].update(beam_size=2, length_penalty=1.5)
+    (workdir / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "src.txt").write_text("Der Hund sieht das grüne Haus.\n")
+    args = [f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'src.txt'}"]
+    text = run_module("experiments.evaluate", f"--workdir={workdir}", *args).stdout.decode()
+    assert "beam 2, alpha 1.5" in text
+    text = run_module(
+        "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0", *args
+    ).stdout.decode()
+    assert "beam 1, alpha 0" in text
+
+
 def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):
     result = run_module(
         "experiments.attention_maps",
