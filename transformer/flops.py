@@ -9,6 +9,7 @@ what the hardware computes.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -66,12 +67,15 @@ def train_step_flops(c: ModelConfig, rows: int, source_len: int, target_len: int
     return 3.0 * forward_flops(c, rows, source_len, target_len)
 
 
+@functools.cache
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted square matmul on the default device (median of repeats).
+    """FLOP/s of a jitted square matmul on one local device (median of repeats).
 
-    bfloat16 inputs accumulate in float32, as the model's matmuls do.
+    bfloat16 inputs accumulate in float32, as the model's matmuls do. Measured
+    once per process. Call it outside any mesh context: under one, jit would
+    run the matmul on every device of the mesh (here: an error instead).
     """
-    x = jnp.ones((size, size), jnp.dtype(dtype))
+    x = jax.device_put(jnp.ones((size, size), jnp.dtype(dtype)), jax.local_devices()[0])
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     matmul(x, x).block_until_ready()
     times = []
@@ -103,10 +107,11 @@ def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:
         for prefix, peak in DATASHEET_PEAK.items():
             if device.device_kind.startswith(prefix):
                 return peak * jax.device_count(), f"datasheet {device.device_kind}"
-    # CPU (or an unknown accelerator): measure. All "devices" of a CPU share its cores.
-    # The faster of float32 and bfloat16-input matmuls is the peak: which one wins
-    # depends on the CPU (AVX-512 BF16 or not), and MFU should not flatter a slow path.
-    count = 1 if device.platform == "cpu" else jax.device_count()
+    # CPU (or an unknown accelerator): measure. All "devices" of a CPU process share
+    # its cores; each process of a multi-host run has its own. The faster of float32
+    # and bfloat16-input matmuls is the peak: which one wins depends on the CPU
+    # (AVX-512 BF16 or not), and MFU should not flatter a slow path.
+    count = jax.process_count() if device.platform == "cpu" else jax.device_count()
     measured = {name: measured_matmul_peak(name) for name in sorted({"float32", dtype})}
     best = max(measured, key=measured.get)
     return measured[best] * count, f"measured {best} matmul on {device.device_kind}"

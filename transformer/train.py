@@ -458,6 +458,7 @@ def train_and_evaluate(setup: Setup) -> dict:
     )
     model = Transformer(model_cfg)
     optimizer = make_optimizer(model_cfg, cfg)
+    peak, peak_source = flops.device_peak(model_cfg.dtype)  # outside the mesh: one device
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, state_shardings, iterator, start_step, trained_seconds = _start(
@@ -466,7 +467,6 @@ def train_and_evaluate(setup: Setup) -> dict:
         step_fn = jit_train_step(model, optimizer, cfg, mesh, state_shardings)
         evaluator = evaluation.Evaluator(model, data_cfg, data.vocab, mesh, cfg)
         writer = metrics.SummaryWriter(setup.workdir, enabled=is_chief)
-        peak, peak_source = flops.device_peak(model_cfg.dtype)
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
         results = _loop(
             setup,
