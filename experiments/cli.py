@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -25,11 +26,20 @@ class UserError(Exception):
 def fail(message: str) -> None:
     """Prints the one-line error and exits with status 1."""
     first_line = " ".join(str(message).split())
-    print(f"{_program()}: error: {first_line}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    # Exit now: background threads of a failed save (orbax, asyncio) would otherwise
-    # print their tracebacks after this line while the interpreter shuts down.
+    # Other threads (a failed asynchronous orbax save, asyncio) may be printing
+    # tracebacks right now. Point stderr at /dev/null for them, Python's and the
+    # C level alike, then write our line with one write on the saved descriptor, so
+    # nothing can run into it or follow it.
+    real = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.stderr = open(devnull, "w")
+    # Another thread may have stopped mid-line; start ours on a line of its own.
+    lead = "\n" if threading.active_count() > 1 else ""
+    os.write(real, f"{lead}{_program()}: error: {first_line}\n".encode())
+    # Exit now: the interpreter's shutdown would wait for those threads.
     os._exit(1)
 
 
