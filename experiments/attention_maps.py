@@ -17,7 +17,6 @@ from absl import flags
 from experiments import cli, trained_flags
 from transformer import attention_maps
 from transformer.config import EOS_ID
-from transformer.translation import Translator
 
 SENTENCE = flags.DEFINE_string("sentence", None, "The sentence to translate and draw.")
 OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the PNGs go (default: in the workdir).")
@@ -35,12 +34,7 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(
             f"--sentence has {len(source_ids)} tokens; the model takes at most {max_tokens}"
         )
-    translator = Translator(
-        model.model,
-        model.params,
-        vocab,
-        **trained_flags.decoding(model),
-    )
+    translator = trained_flags.translator(model)
     translation = translator.translate([SENTENCE.value])[0]
     target_ids = vocab.encode(translation)[:max_tokens]
     out_dir = OUT_DIR.value or os.path.join(trained_flags.WORKDIR.value, "attention_maps")

@@ -22,7 +22,6 @@ from absl import flags
 from experiments import cli, trained_flags
 from transformer import metrics
 from transformer.data import datasets, pipeline
-from transformer.translation import Translator
 
 SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
 SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file instead of a split.")
@@ -78,12 +77,7 @@ def main(argv: list[str]) -> None:
             sources, references = sources[: LIMIT.value], references[: LIMIT.value]
     else:
         sources, references, name = pairs_from_split(data)
-    translator = Translator(
-        model.model,
-        model.params,
-        model.vocab,
-        **trained_flags.decoding(model),
-    )
+    translator = trained_flags.translator(model)
     hypotheses = translator.translate(sources)
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
     tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"

@@ -6,6 +6,7 @@ from absl import flags
 
 from experiments.cli import UserError
 from transformer import trained
+from transformer.translation import Translator
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The workdir that experiments.wmt trained in.")
 STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (default: latest).")
@@ -43,9 +44,12 @@ def load() -> trained.Trained:
     return trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
 
 
-def decoding(model: trained.Trained) -> dict:
-    """Beam size and length penalty: the flags where given, else those the workdir trained with
-    (so that a workdir's final scores are reproduced by default)."""
+def translator(model: trained.Trained, **options) -> Translator:
+    """A Translator for the loaded model. Beam size and length penalty: the flags where
+    given, else those the workdir trained with (so that a workdir's final scores are
+    reproduced by default). `options` go to Translator (e.g. tokens_per_batch)."""
     beam = model.train.beam_size if BEAM.value is None else BEAM.value
     alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
-    return {"beam_size": beam, "alpha": alpha}
+    return Translator(
+        model.model, model.params, model.vocab, beam_size=beam, alpha=alpha, **options
+    )

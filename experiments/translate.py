@@ -125,13 +125,7 @@ def main(argv: list[str]) -> None:
         except OSError as e:
             raise cli.UserError(f"--input={INPUT.value} cannot be read: {e.strerror}") from e
     model = trained_flags.load()
-    translator = Translator(
-        model.model,
-        model.params,
-        model.vocab,
-        **trained_flags.decoding(model),
-        tokens_per_batch=TOKENS_PER_BATCH.value,
-    )
+    translator = trained_flags.translator(model, tokens_per_batch=TOKENS_PER_BATCH.value)
     progress = ProgressBar(_count_lines(INPUT.value)) if INPUT.value else None
     # A named output is written beside its place and renamed when complete:
     # an interrupted run leaves an earlier file of that name untouched.
