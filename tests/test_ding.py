@@ -1,6 +1,7 @@
 """The ding_de_en builder: parsing, annotation stripping, disjoint deterministic splits."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -78,6 +79,17 @@ def test_builder_is_deterministic(ding_sample, tmp_path):
     first, second = _split_texts(ding_sample), _split_texts(again)
     for split in datasets.SPLITS:
         assert sorted(first[split]) == sorted(second[split])
+
+
+def test_an_unbuilt_dataset_leaves_no_temporary_folder(monkeypatch, tmp_path):
+    # TFDS's DatasetInfo makes an empty mkdtemp("tfds") folder for every builder whose
+    # data is not prepared yet; ours must not leave one per run in /tmp.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    builder = ding.DingDeEn(data_dir=str(tmp_path / "data"), file_format="array_record")
+    assert not builder.is_prepared()
+    assert list(scratch.iterdir()) == []
 
 
 def test_direction_swaps_source_and_target(ding_sample):

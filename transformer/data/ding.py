@@ -149,6 +149,15 @@ def find_corpus(manual_dir: str | None) -> epath.Path:
     )
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset that TFDS's GCS bucket does not hold."""
+
+    def initialize_from_bucket(self) -> None:
+        # TFDS calls this for every builder whose data is not prepared yet; its own
+        # version makes an empty tempfile.mkdtemp("tfds") folder and never removes it.
+        return None
+
+
 class DingDeEn(tfds.core.GeneratorBasedBuilder):
     """German-English pairs from the Ding dictionary; sentences held out for evaluation."""
 
@@ -160,7 +169,7 @@ class DingDeEn(tfds.core.GeneratorBasedBuilder):
     )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict(
