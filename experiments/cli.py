@@ -27,15 +27,20 @@ def fail(message: str) -> None:
     """Prints the one-line error and exits with status 1."""
     first_line = " ".join(str(message).split())
     sys.stdout.flush()
-    sys.stderr.flush()
     # Other threads (a failed asynchronous orbax save, asyncio) may be printing
-    # tracebacks right now. Point stderr at /dev/null for them, Python's and the
-    # C level alike, then write our line with one write on the saved descriptor, so
+    # tracebacks right now. Send their further output to /dev/null, Python's and the
+    # C level alike; flushing the old stream waits (under its lock) for a write that
+    # is in flight. Then our line goes out in one write on the saved descriptor, so
     # nothing can run into it or follow it.
-    real = os.dup(2)
+    old = sys.stderr
     devnull = os.open(os.devnull, os.O_WRONLY)
+    sys.stderr = open(devnull, "w", closefd=False)
+    real = os.dup(2)
     os.dup2(devnull, 2)
-    sys.stderr = open(devnull, "w")
+    try:
+        old.flush()
+    except (OSError, ValueError):
+        pass
     # Another thread may have stopped mid-line; start ours on a line of its own.
     lead = "\n" if threading.active_count() > 1 else ""
     os.write(real, f"{lead}{_program()}: error: {first_line}\n".encode())

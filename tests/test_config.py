@@ -92,3 +92,26 @@ def test_heads_override_derives_head_sizes():
     )
     # d_k = d_v = 512 / 16 = 32 keeps the attention at 4 (d^2 + d) parameters.
     assert '"component": "multi-head attention", "formula": 1050624' in result.stdout
+
+
+def test_the_error_line_stays_whole_while_other_threads_print():
+    # An asynchronous checkpoint save that fails prints tracebacks from its own
+    # threads while the main thread reports the error; they must not split our line
+    # nor follow it. (Before the fix: "    raise Runtime-c: error: ..." every time.)
+    script = """
+import sys, threading, time
+from experiments import cli
+
+def noise():
+    while True:
+        sys.stderr.write("Traceback (most recent call last):\\n    raise Runtime")
+        time.sleep(0.0005)
+
+for _ in range(2):
+    threading.Thread(target=noise, daemon=True).start()
+cli.fail("disk full; free space, then rerun")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last == "-c: error: disk full; free space, then rerun", result.stderr[-500:]
