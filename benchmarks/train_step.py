@@ -33,9 +33,6 @@ _ROWS = flags.DEFINE_list("rows", ["8"], "Rows per batch.")
 _LENGTHS = flags.DEFINE_list("length", ["128"], "Tokens per row (source and target each).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per configuration.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize layer activations.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "Split the CPU into this many devices, data parallel (0: one device)."
-)
 _OVERRIDES = flags.DEFINE_list(
     "set", [], "Model config changes, e.g. d_model=128,d_ff=512,num_heads=4,vocab_size=4000."
 )
@@ -132,8 +129,6 @@ def device_peaks() -> dict[str, float]:
 
 def main(argv):
     del argv
-    if _CPU_DEVICES.value:
-        sharding.split_host_cpu(_CPU_DEVICES.value)
     peaks = device_peaks()
     print(
         json.dumps(

@@ -112,12 +112,6 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_CPU_DEVICES = flags.DEFINE_string(
-    "cpu_devices",
-    "0",
-    "CPU only: split the cores into this many devices with the batch over them "
-    "(faster for small models on a few cores); auto: one per core; 0: JAX's one device.",
-)
 _CHECK_ONLY = flags.DEFINE_bool(
     "check_only", False, "Validate the flags, print the configs as JSON and exit."
 )
@@ -142,18 +136,6 @@ def build_configs() -> tuple[config.ModelConfig, config.DataConfig, config.Train
             f"({train.grad_accum_steps})"
         )
     return model, data, train
-
-
-def cpu_devices(data: config.DataConfig) -> int:
-    """--cpu_devices as a count (0: leave JAX's default); auto fits the batch rows."""
-    value = _CPU_DEVICES.value.strip()
-    if value == "auto":
-        from transformer import sharding
-
-        return sharding.host_cpu_devices(data.batch_rows if data.batching == "packed" else 0)
-    if not value.isdigit():
-        raise config.ConfigError(f"--cpu_devices must be auto or a count >= 0, got {value!r}")
-    return int(value)
 
 
 def initialize_distributed() -> None:
@@ -188,11 +170,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
     model, data, train = build_configs()
-    split = cpu_devices(data)
-    if split:
-        from transformer import sharding
-
-        sharding.split_host_cpu(split)
     if _CHECK_ONLY.value:
         model = _resolve_dtype(model)
         print(
@@ -201,7 +178,6 @@ def main(argv: list[str]) -> None:
                     "model": dataclasses.asdict(model),
                     "data": dataclasses.asdict(data),
                     "train": dataclasses.asdict(train),
-                    "cpu_devices": split,
                 },
                 indent=2,
             )

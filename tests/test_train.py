@@ -95,14 +95,6 @@ def batches(ding_sample, sample_vocab, tmp_path_factory):
     return [next(iterator) for _ in range(4)]
 
 
-@pytest.mark.parametrize("cores, rows, expected", [(2, 48, 2), (4, 6, 3), (4, 7, 1), (8, 0, 8)])
-def test_cpu_devices_auto_is_one_per_core_that_divides_the_batch(
-    monkeypatch, cores, rows, expected
-):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert sharding.host_cpu_devices(rows) == expected
-
-
 def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
     """Losses and final params of training from the same init on a given mesh."""
     devices = jax.devices()[:1] if devices is None else devices
@@ -263,16 +255,10 @@ def test_a_stopped_run_resumes_where_it_stopped(ding_sample, tmp_path):
 
 def test_a_relative_workdir_saves_resumes_and_translates(ding_sample, tmp_path):
     # As the README's demo command gives it: --workdir=workdirs/ding.
-    # Trained on the CPU split into 2 devices (as the demo's flagfile asks), resumed
-    # and translated on JAX's default single device.
     args = [a for a in _tiny_args(ding_sample, "x", 4) if not a.startswith("--workdir")]
-    first = _wmt(
-        *args, "--checkpoint_every=2", "--cpu_devices=2", "--workdir=runs/rel", cwd=tmp_path
-    )
-    assert "on 2 cpu devices" in first.stdout
+    _wmt(*args, "--checkpoint_every=2", "--workdir=runs/rel", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "runs/rel/checkpoints")) == ["2", "4"]
     resumed = _wmt(*args, "--checkpoint_every=2", "--steps=6", "--workdir=runs/rel", cwd=tmp_path)
-    assert "on 1 cpu device\n" in resumed.stdout
     assert "resumed from step 4" in resumed.stdout
     translated = subprocess.run(
         [sys.executable, "-m", "experiments.translate", "--workdir=runs/rel", "--beam=1"],
@@ -306,7 +292,6 @@ def test_every_shipped_flagfile_validates(name):
         (["--mesh=model:2"], "mesh axis 'model' unknown"),
         (["--label_smoothing=1.5"], "label_smoothing"),
         (["--lr_decay=cosine"], "--lr_decay"),
-        (["--cpu_devices=two"], "--cpu_devices must be auto or a count"),
         ([], "--workdir is required"),
     ],
 )

@@ -14,7 +14,6 @@ Model code never mentions a device count.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -87,36 +86,6 @@ def check_divisibility(sizes: dict[str, int], model: ModelConfig, batch_rows: in
             raise ConfigError(
                 f"{what} ({value}) is not divisible by the {axes} mesh size ({parts})"
             )
-
-
-def split_host_cpu(count: int) -> None:
-    """Makes JAX's CPU backend `count` devices, before any JAX operation runs.
-
-    On a CPU with few cores, XLA runs a step's matmuls on all cores but much
-    of the elementwise, softmax and layout work around them on one thread.
-    With the cores split into devices and the batch split over them (data
-    parallel), each device runs its own share of that work at the same time.
-    Eigen's thread pool per operation is turned off as well
-    (--xla_cpu_multi_thread_eigen=false), which measured faster still.
-    Measured on 2 cores (benchmarks/train_step.py, the CPU demo's model):
-    about 10% shorter steps with 2 devices.
-    """
-    if count < 1:
-        raise ConfigError(f"the CPU needs at least 1 device, got {count}")
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in xla_flags:
-        os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_cpu_multi_thread_eigen=false".strip()
-    jax.config.update("jax_num_cpu_devices", count)
-
-
-def host_cpu_devices(batch_rows: int = 0) -> int:
-    """One CPU device per core this process may use, fewer if `batch_rows`
-    (when given) does not split evenly over them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = max(1, cores or 1)
-    while batch_rows and batch_rows % count:
-        count -= 1
-    return count
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:

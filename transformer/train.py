@@ -467,9 +467,6 @@ def train_and_evaluate(setup: Setup) -> dict:
         step_fn = jit_train_step(model, optimizer, cfg, mesh, state_shardings)
         evaluator = evaluation.Evaluator(model, data_cfg, data.vocab, mesh, cfg)
         writer = metrics.SummaryWriter(setup.workdir, enabled=is_chief)
-        axes = ", ".join(f"{name} {size}" for name, size in sizes.items())
-        count, platform = jax.device_count(), jax.devices()[0].platform
-        say(f"mesh ({axes}) on {count} {platform} device{'s' if count > 1 else ''}")
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
         results = _loop(
             setup,
