@@ -75,3 +75,21 @@ def test_the_output_layers_weight_gradient_never_transposes_the_logits_gradient(
 
     assert transposes(lambda a, b: jnp.einsum("BTD,VD->BTV", a, b))  # what XLA does by default
     assert transposes(lambda a, b: matmul("BTD,VD->BTV", a, b, jnp.float32)) == []
+
+
+def test_weight_gradients_read_both_operands_in_place():
+    """A weight gradient contracts the batch and length axes of the activations
+    [B, L, D] and of the output gradient [B, L, F]. Left as a 3-D contraction,
+    XLA:CPU first copies one of them into a [D or F, B*L] layout, for every
+    matmul of the model at every step."""
+    batch, length, d_model, d_ff = 4, 24, 16, 40
+    x, kernel = jnp.ones((batch, length, d_model)), jnp.ones((d_model, d_ff))
+    transposed = re.compile(rf"f32\[({d_model}|{d_ff}),({batch * length}|{batch},{length})\]")
+
+    def transposes(project):
+        loss = lambda a, b: jnp.sum(project(a, b) ** 2)  # noqa: E731
+        hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, kernel).compile().as_text()
+        return [line for line in hlo.splitlines() if transposed.search(line)]
+
+    assert transposes(lambda a, b: jnp.einsum("BLD,DF->BLF", a, b))  # what XLA does by default
+    assert transposes(lambda a, b: matmul("BLD,DF->BLF", a, b, jnp.float32)) == []

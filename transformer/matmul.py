@@ -14,6 +14,7 @@ backward pass are the bfloat16 copies, which also halves their memory.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +69,38 @@ def _einsum_in_natural_order(equation: str, a: jax.Array, b: jax.Array) -> jax.A
     return result.transpose([natural.index(i) for i in out])
 
 
+def _merge_contracted_prefix(equation: str, a: jax.Array, b: jax.Array):
+    """'BTD,BTF->DF' on a [B, T, D], b [B, T, F] -> ('ZD,ZF->DF', a [B*T, D], b [B*T, F]).
+
+    A weight gradient contracts the leading batch and length axes of both
+    operands. As a 3-D contraction, XLA:CPU first copies each operand into a
+    [D, B*T] layout; merged into one leading axis, the same dot reads both in
+    place (a matrix product with the first operand transposed). Equations
+    without such a shared contracted prefix are returned unchanged.
+    """
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    k = 0
+    while k < min(len(lhs), len(rhs)) and lhs[k] == rhs[k] and lhs[k] not in out:
+        k += 1
+    # As in _einsum_in_natural_order: XLA:CPU's DotThunk has no bf16 x bf16 -> f32
+    # kernel for a dot whose first operand is transposed.
+    if k < 2 or a.shape[:k] != b.shape[:k] or a.dtype != jnp.float32:
+        return equation, a, b
+    merged, rows = ("Z" if "Z" not in equation else "z"), math.prod(a.shape[:k])
+    return (
+        f"{merged}{lhs[k:]},{merged}{rhs[k:]}->{out}",
+        a.reshape(rows, *a.shape[k:]),
+        b.reshape(rows, *b.shape[k:]),
+    )
+
+
 def _backward(equation, dtype, residuals, grad):
     x_low, y_low, x_kind, y_kind = residuals
     grad_x_eq, grad_y_eq = _transposed(equation)
     grad = grad.astype(dtype)
     grad_x = _einsum_in_natural_order(grad_x_eq, grad, y_low)
-    grad_y = _einsum_in_natural_order(grad_y_eq, x_low, grad)
+    grad_y = _einsum_in_natural_order(*_merge_contracted_prefix(grad_y_eq, x_low, grad))
     return grad_x.astype(x_kind.dtype), grad_y.astype(y_kind.dtype)
 
 
