@@ -18,6 +18,8 @@ EQUATIONS = {
     "BTNV,NVD->BTD": ((2, 5, 3, 4), (3, 4, 8)),  # attention output projection
     "BNTK,BNSK->BNTS": ((2, 3, 5, 4), (2, 3, 7, 4)),  # attention logits
     "BNTS,BNSV->BNTV": ((2, 3, 5, 7), (2, 3, 7, 4)),  # attention-weighted values
+    # Axis names that the merged batch-and-length axis of a weight gradient must avoid.
+    "BZD,DNz->BZNz": ((2, 5, 8), (8, 3, 4)),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import string
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,8 @@ def _merge_contracted_prefix(equation: str, a: jax.Array, b: jax.Array):
     # kernel for a dot whose first operand is transposed.
     if k < 2 or a.shape[:k] != b.shape[:k] or a.dtype != jnp.float32:
         return equation, a, b
-    merged, rows = ("Z" if "Z" not in equation else "z"), math.prod(a.shape[:k])
+    merged = next(c for c in string.ascii_uppercase + string.ascii_lowercase if c not in equation)
+    rows = math.prod(a.shape[:k])
     return (
         f"{merged}{lhs[k:]},{merged}{rhs[k:]}->{out}",
         a.reshape(rows, *a.shape[k:]),
