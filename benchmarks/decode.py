@@ -12,8 +12,8 @@ timed runs after a compile run.
 --naive also times a straightforward decoder, for comparison: it projects the
 source keys/values of every layer again at every step, keeps them per beam,
 and gathers the whole cache (source keys/values included) when beams are
-reordered. Ours projects them once per sentence and moves only the
-self-attention cache.
+reordered. Ours projects them once per sentence and moves no key or value:
+only a table of row indices follows the beams.
 """
 
 from __future__ import annotations
@@ -85,7 +85,13 @@ def naive_step(model: Transformer, params, inputs: jax.Array, hypotheses: int, l
         return decoding.log_softmax_grouped(logits[:, 0], inputs.shape[0]), variables["cache"]
 
     def reorder_everything(cache, rows):
-        return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+        """Copies every key and value; the lineage stays the identity (row i is hypothesis i)."""
+
+        def gather(path, leaf):
+            names = {getattr(k, "key", None) for k in path}
+            return leaf if "lineage" in names else jnp.take(leaf, rows, axis=0)
+
+        return jax.tree_util.tree_map_with_path(gather, cache)
 
     return step_fn, fresh_cache(), reorder_everything
 
@@ -96,7 +102,7 @@ def search(model, params, inputs, beam: int, steps: int, naive: bool):
         step_fn, cache, reorder = naive_step(model, params, inputs, hypotheses, steps)
     else:
         step_fn, cache = decoding.model_step(model, params, inputs, hypotheses, steps)
-        reorder = decoding.reorder_self_attention
+        reorder = decoding.reorder_lineage
     step_fn = eos_only_at_the_end(step_fn, steps)
     max_lengths = jnp.full((inputs.shape[0],), steps)
     if beam == 1 and not naive:

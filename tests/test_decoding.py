@@ -232,7 +232,7 @@ def _beam_on_model(model, params, inputs, beam_size, alpha):
     step_fn, cache = decoding.model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     tokens, _, _ = decoding.beam_search(
         step_fn,
-        decoding.reorder_self_attention,
+        decoding.reorder_lineage,
         cache,
         decoding.max_output_lengths(inputs, 50, length),
         length=length,
@@ -260,23 +260,64 @@ def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens
     assert (score(beam) >= score(greedy) - 1e-4).all()
 
 
-def test_self_attention_cache_moves_and_cross_attention_cache_does_not(tiny_model):
+def test_reordering_beams_moves_the_lineage_and_no_key_or_value(tiny_model):
     model, params = tiny_model
     inputs = jnp.ones((2, 5), jnp.int32)
     encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
     _, variables = model.apply(
         {"params": params}, encoded, 8, 6, method=Transformer.init_cache, mutable=["cache"]
     )
-    cache = jax.tree_util.tree_map(
-        lambda x: jnp.arange(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1)) + 0 * x,
+    cache = jax.tree_util.tree_map(  # distinct values, so that any move would show
+        lambda x: (
+            jax.random.normal(jax.random.key(x.size), x.shape).astype(x.dtype)
+            if x.dtype != jnp.int32
+            else x
+        ),
         variables["cache"],
     )
-    rows = jnp.array([1, 1, 0, 3, 7, 4, 4, 5])
-    moved = decoding.reorder_self_attention(cache, rows)
-    layer = moved["decoder"]["layer_0"]
-    np.testing.assert_array_equal(layer["self_attention"]["key"][:, 0, 0, 0], rows)
-    assert layer["cross_attention"]["key"].shape[0] == 2  # per source, not per beam
-    np.testing.assert_array_equal(layer["cross_attention"]["key"][:, 0, 0, 0], [0, 1])
+    rows = jnp.array([1, 1, 0, 3, 7, 4, 4, 5])  # each beam's parent, within its sentence
+    moved = decoding.reorder_lineage(cache, rows)
+    for layer in moved["decoder"]:
+        self_attention = moved["decoder"][layer]["self_attention"]
+        # Sentence b's hypothesis i now reads its parent's history: rows - 4 b.
+        np.testing.assert_array_equal(
+            self_attention["lineage"][:, :, 0], [[1, 1, 0, 3], [3, 0, 0, 1]]
+        )
+        for kind in ("self_attention", "cross_attention"):
+            for name in ("key", "value"):
+                before = cache["decoder"][layer][kind][name]
+                assert moved["decoder"][layer][kind][name] is before
+        assert moved["decoder"][layer]["cross_attention"]["key"].shape[0] == 2  # per source
+
+
+def test_beam_search_through_the_lineage_equals_copying_the_cache(tiny_model, make_tokens):
+    """The straightforward beam search: the source copied per beam, and every
+    cached key/value gathered whenever beams change places."""
+    model, params = tiny_model
+    inputs, width = sources(make_tokens), 4
+    length = decoding.output_length(model.config, inputs.shape[1], 50)
+    max_lengths = decoding.max_output_lengths(inputs, 50, length)
+    ours = decoding.decode(model, params, inputs, beam_size=width, alpha=0.6)
+
+    tiled = jnp.repeat(inputs, width, axis=0)  # one "sentence" per hypothesis: W = 1
+    step_fn, cache = decoding.model_step(model, params, tiled, tiled.shape[0], length)
+
+    def copy_everything(cache, rows):
+        def gather(path, leaf):
+            names = {getattr(k, "key", None) for k in path}
+            return leaf if "lineage" in names else jnp.take(leaf, rows, axis=0)
+
+        return jax.tree_util.tree_map_with_path(gather, cache)
+
+    def search(reorder):
+        tokens, _, _ = decoding.beam_search(
+            step_fn, reorder, cache, max_lengths, length=length, beam_size=width, alpha=0.6
+        )
+        return np.asarray(tokens)
+
+    np.testing.assert_array_equal(ours, search(copy_everything))
+    # Beams did change places: ignoring the reordering gives other translations.
+    assert (search(lambda cache, rows: cache) != np.asarray(ours)).any()
 
 
 @pytest.mark.parametrize("sources, beams", [(3, 4), (5, 1)])

@@ -7,8 +7,14 @@ Masks are boolean, True where attention is allowed, shaped to broadcast
 against the [B, N, T, S] logits (usually [B, 1, T, S] or [B, 1, 1, S]).
 
 Decoding with a cache (see `MultiHeadAttention.init_cache`):
-  * self-attention keeps keys/values for every output position [B, L, N, K]
-    and writes one position per step;
+  * self-attention keeps keys/values for every output position and writes
+    one position per step, into the row of the hypothesis that computed it.
+    Beam search never moves them: a lineage table says in which beam's row
+    each hypothesis finds its entry of each position, and a reordering of the
+    beams gathers that table only. The W hypotheses of a sentence attend to
+    all W*L entries of its rows, masked to their own history
+    (`cached_self_attention`): W times the logits of one position, small
+    beside the projections, and no copy of the cache;
   * cross-attention keys/values are projected once per source sentence and
     kept at the source batch size. Beam search runs W hypotheses per source:
     their queries [B*W, 1, N, K] are regrouped to [B, W, N, K] so that all
@@ -99,6 +105,40 @@ def dot_product_attention(
     dropped = weights if dropout is None else dropout(weights, deterministic=deterministic)
     out = matmul("BNTS,BNSV->BNTV", dropped, value.transpose(0, 2, 1, 3), value.dtype)
     return out.transpose(0, 2, 1, 3), weights  # [B, T, N, V]
+
+
+def lineage_mask(lineage: jax.Array, step: jax.Array) -> jax.Array:
+    """Which cached entries each hypothesis of a sentence attends to at `step`.
+
+    lineage [B, W, L]: lineage[b, i, l] is the beam j of sentence b whose row
+    holds hypothesis i's key/value of position l. -> [B, 1, W, W*L], against
+    the sentence's entries laid out [W*L] beam-major: at each position up to
+    `step`, the one entry of the hypothesis's own history.
+    """
+    beams = jnp.arange(lineage.shape[1])
+    own = lineage[:, :, None, :] == beams[None, None, :, None]  # [B, W(i), W(j), L]
+    own = own & (jnp.arange(lineage.shape[2]) <= step)
+    return own.reshape(lineage.shape[0], 1, lineage.shape[1], -1)
+
+
+def cached_self_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, lineage: jax.Array, step: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One decoding position of self-attention over the cache, read in place.
+
+    query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
+    out, key [B, N, W, L, K] and value [B, N, W, L, V]; lineage [B, W, L].
+    -> output [B*W, 1, N, V], weights [B, N, W, W*L] (both float32).
+    """
+    sources, width, _ = lineage.shape
+    heads = key.shape[1]
+    query = query.reshape(sources, width, heads, -1).transpose(0, 2, 1, 3)  # [B, N, W, K]
+    query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
+    logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
+    weights = jax.nn.softmax(jnp.where(lineage_mask(lineage, step), logits, _NEG_INF), axis=-1)
+    out = matmul("BNTS,BNSV->BNTV", weights, value, value.dtype)  # [B, N, W, V]
+    out = out.transpose(0, 2, 1, 3).reshape(sources * width, 1, heads, -1)
+    return out, weights
 
 
 def fused_attention(
@@ -212,12 +252,15 @@ class MultiHeadAttention(nn.Module):
         """
         dtype = jnp.dtype(self.config.dtype)
         query = self.query(inputs_q).astype(dtype)  # [B, T, N, K]
+        if self.is_self_attention and decode_step is not None:
+            # Decoding passes no self-attention mask: the lineage is the mask.
+            key, value, lineage = self._write_cache(inputs_q, decode_step)
+            out, weights = cached_self_attention(query, key, value, lineage, decode_step)
+            self.sow("intermediates", "attention_weights", weights)
+            return self.out(out)
         if self.is_self_attention:
-            key, value = self._self_keys_values(inputs_q, decode_step)
-            if decode_step is not None:  # only the positions decoded so far
-                mask = combine_masks(
-                    mask, (jnp.arange(key.shape[1]) <= decode_step)[None, None, None]
-                )
+            key = self.key(inputs_q).astype(dtype)
+            value = self.value(inputs_q).astype(dtype)
         elif decode_step is not None:
             key = self.get_variable("cache", "key")
             value = self.get_variable("cache", "value")
@@ -227,21 +270,27 @@ class MultiHeadAttention(nn.Module):
         out = self._attend(query, key, value, mask, deterministic)  # [B, T, N, V]
         return self.out(out)
 
-    def _self_keys_values(self, inputs, decode_step):
+    def _write_cache(self, inputs, decode_step):
+        """Writes this position's keys/values into each hypothesis's own row."""
         dtype = jnp.dtype(self.config.dtype)
-        key = self.key(inputs).astype(dtype)  # [B, T, N, K]
-        value = self.value(inputs).astype(dtype)  # [B, T, N, V]
-        if decode_step is None:
-            return key, value
-        cached_key = jax.lax.dynamic_update_slice_in_dim(
-            self.get_variable("cache", "key"), key, decode_step, axis=1
-        )
-        cached_value = jax.lax.dynamic_update_slice_in_dim(
-            self.get_variable("cache", "value"), value, decode_step, axis=1
-        )
-        self.put_variable("cache", "key", cached_key)
-        self.put_variable("cache", "value", cached_value)
-        return cached_key, cached_value  # [B, L, N, K], [B, L, N, V]
+        lineage = self.get_variable("cache", "lineage")  # [B, W, L]
+        sources, width, _ = lineage.shape
+        cached = {}
+        length = lineage.shape[2]
+        for name, projection in (("key", self.key), ("value", self.value)):
+            new = projection(inputs).astype(dtype)  # [B*W, 1, N, K]
+            new = new.reshape(sources, width, *new.shape[2:]).transpose(0, 2, 1, 3)
+            entries = self.get_variable("cache", name)  # [B, N, W*L, K]
+            for beam in range(width):  # W small in-place writes
+                entries = jax.lax.dynamic_update_slice_in_dim(
+                    entries, new[:, :, beam : beam + 1], beam * length + decode_step, axis=2
+                )
+            cached[name] = entries
+        own = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[:, None], (sources, width, 1))
+        cached["lineage"] = jax.lax.dynamic_update_slice_in_dim(lineage, own, decode_step, axis=2)
+        for name, array in cached.items():
+            self.put_variable("cache", name, array)
+        return cached["key"], cached["value"], cached["lineage"]
 
     def _attend(self, query, key, value, mask, deterministic):
         """Queries of a batch that is a multiple of the keys' batch share keys by group."""
@@ -265,15 +314,26 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
         """Creates the decoding cache.
 
-        Self-attention: zero keys/values for `batch` hypotheses of `length` steps.
-        Cross-attention: the source's keys/values, projected once from
-        `encoded` [B_src, S, D]; `batch` may be any multiple of B_src.
+        Self-attention: zero keys [B_src, N, W, L, K] and values
+        [B_src, N, W, L, V] for `batch` = B_src * W hypotheses of `length`
+        steps, and their lineage [B_src, W, L] (only the batch size of
+        `encoded` is used). Cross-attention: the source's
+        keys/values, projected once from `encoded` [B_src, S, D]; `batch` may
+        be any multiple of B_src.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if self.is_self_attention:
-            key = jnp.zeros((batch, length, c.num_heads, c.d_k), dtype)
-            value = jnp.zeros((batch, length, c.num_heads, c.d_v), dtype)
+            # Hypotheses are source-major, W per sentence. Heads-major, so that
+            # a sentence's W*L entries are one matrix per head.
+            sources = batch if encoded is None else encoded.shape[0]
+            width = batch // sources
+            shape = (sources, c.num_heads, width * length)
+            key = jnp.zeros((*shape, c.d_k), dtype)
+            value = jnp.zeros((*shape, c.d_v), dtype)
+            # Each hypothesis starts with its own row at every position.
+            own = jnp.arange(width, dtype=jnp.int32)[None, :, None]
+            self.put_variable("cache", "lineage", jnp.broadcast_to(own, (sources, width, length)))
         else:
             key = self.key(encoded).astype(dtype)
             value = self.value(encoded).astype(dtype)

@@ -21,9 +21,12 @@ What the paper's decoder needs, and how it is done here:
   its best finished hypothesis, or once W hypotheses have ended (a full beam);
   the loop ends when every sentence is done.
 - The cache: the decoder's self-attention keys/values grow by one position per
-  step and are the only state that follows the beams (gathered by beam index);
-  the encoder-decoder keys/values are projected once per source sentence, at
-  source batch size, and read by all of its beams (transformer/attention.py).
+  step, each written into the row of the hypothesis that computed it, and are
+  never copied: when beams change places, only a small lineage table [B*W, L]
+  of beam indices follows them (`reorder_lineage`), and attention reads keys and
+  values through it. The encoder-decoder keys/values are projected once per
+  source sentence, at source batch size, and read by all of its beams
+  (transformer/attention.py).
   The cache is sized to what the batch needs: min(S + max_extra, max_len).
 
 Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
@@ -208,16 +211,23 @@ def greedy_search(
 # ----------------------------------------------------------------------------
 
 
-def reorder_self_attention(cache: Cache, rows: jax.Array) -> Cache:
-    """Gathers the hypotheses' rows of the self-attention keys/values only.
+def reorder_lineage(cache: Cache, rows: jax.Array) -> Cache:
+    """Hypothesis i continues hypothesis rows[i]: gathers the lineage tables only.
 
-    The cross-attention entries are per source sentence and shared by its
-    beams, so they never move.
+    No key or value moves. The self-attention keys/values stay in the row that
+    wrote them, and each layer's lineage table [B, W, L] (transformer/attention.py)
+    says in which beam's row a hypothesis finds them; gathering its rows hands
+    a hypothesis its parent's history (a parent is always of the same
+    sentence). The cross-attention entries are per source sentence and shared
+    by its beams.
     """
 
     def gather(path, leaf):
         names = {getattr(key, "key", None) for key in path}
-        return jnp.take(leaf, rows, axis=0) if "self_attention" in names else leaf
+        if "lineage" not in names:
+            return leaf
+        hypotheses = leaf.reshape(-1, leaf.shape[-1])  # [B, W, L] -> [B*W, L]
+        return jnp.take(hypotheses, rows, axis=0).reshape(leaf.shape)
 
     return jax.tree_util.tree_map_with_path(gather, cache)
 
@@ -286,7 +296,7 @@ def decode(
     if beam_size == 1:
         return greedy_search(step_fn, cache, max_lengths, length=length)
     tokens, _, _ = beam_search(
-        step_fn, reorder_self_attention, cache, max_lengths,
+        step_fn, reorder_lineage, cache, max_lengths,
         length=length, beam_size=beam_size, alpha=alpha,
     )  # fmt: skip
     return tokens

@@ -240,7 +240,7 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, EMBED)
 
     def init_cache(self, batch: int, length: int, encoded: jax.Array) -> None:
-        self.self_attention.init_cache(batch, length)
+        self.self_attention.init_cache(batch, length, encoded)
         self.cross_attention.init_cache(batch, length, encoded)
 
 
