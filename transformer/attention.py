@@ -127,7 +127,8 @@ def cached_self_attention(
     """One decoding position of self-attention over the cache, read in place.
 
     query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
-    out, key [B, N, W, L, K] and value [B, N, W, L, V]; lineage [B, W, L].
+    out, key [B, N, W*L, K] and value [B, N, W*L, V] (beam-major: entry j*L + l
+    is position l of beam j's row); lineage [B, W, L].
     -> output [B*W, 1, N, V], weights [B, N, W, W*L] (both float32).
     """
     sources, width, _ = lineage.shape
@@ -274,9 +275,8 @@ class MultiHeadAttention(nn.Module):
         """Writes this position's keys/values into each hypothesis's own row."""
         dtype = jnp.dtype(self.config.dtype)
         lineage = self.get_variable("cache", "lineage")  # [B, W, L]
-        sources, width, _ = lineage.shape
+        sources, width, length = lineage.shape
         cached = {}
-        length = lineage.shape[2]
         for name, projection in (("key", self.key), ("value", self.value)):
             new = projection(inputs).astype(dtype)  # [B*W, 1, N, K]
             new = new.reshape(sources, width, *new.shape[2:]).transpose(0, 2, 1, 3)
@@ -314,12 +314,12 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
         """Creates the decoding cache.
 
-        Self-attention: zero keys [B_src, N, W, L, K] and values
-        [B_src, N, W, L, V] for `batch` = B_src * W hypotheses of `length`
+        Self-attention: zero keys [B_src, N, W*L, K] and values
+        [B_src, N, W*L, V] for `batch` = B_src * W hypotheses of `length`
         steps, and their lineage [B_src, W, L] (only the batch size of
-        `encoded` is used). Cross-attention: the source's
-        keys/values, projected once from `encoded` [B_src, S, D]; `batch` may
-        be any multiple of B_src.
+        `encoded` is used). Cross-attention: the source's keys/values,
+        projected once from `encoded` [B_src, S, D]; `batch` may be any
+        multiple of B_src.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
