@@ -26,9 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from benchmarks import peak_rss_gib
+from benchmarks import peak_rss_gib, positive_ints
+from experiments import cli
 from transformer import config, decoding, flops
 from transformer.config import EOS_ID
 from transformer.model import Transformer
@@ -39,9 +40,11 @@ _DTYPE = flags.DEFINE_enum(
 )
 _BATCHES = flags.DEFINE_list("batch", ["1", "32", "128"], "Sentences per batch.")
 _BEAMS = flags.DEFINE_list("beam", ["1", "4"], "Beam sizes (1: greedy).")
-_SOURCE_LENGTH = flags.DEFINE_integer("source_length", 25, "Source tokens per sentence.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Output positions decoded per sentence.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration.")
+_SOURCE_LENGTH = flags.DEFINE_integer(
+    "source_length", 25, "Source tokens per sentence.", lower_bound=1
+)
+_STEPS = flags.DEFINE_integer("steps", 40, "Output positions decoded per sentence.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration.", lower_bound=1)
 _NAIVE = flags.DEFINE_bool("naive", False, "Also time the straightforward decoder.")
 
 
@@ -150,18 +153,19 @@ def measure(model, params, batch: int, beam: int, naive: bool) -> dict:
 
 def main(argv):
     del argv
+    batches, beams = positive_ints("batch", _BATCHES.value), positive_ints("beam", _BEAMS.value)
     dtype = flops.fastest_dtype() if _DTYPE.value == "auto" else _DTYPE.value
     model_cfg = config.preset(_PRESET.value).replace(dtype=dtype)
     model_cfg = model_cfg.replace(max_len=max(model_cfg.max_len, _STEPS.value))
     model = Transformer(model_cfg)
     tokens = jnp.ones((1, 8), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
-    for batch in map(int, _BATCHES.value):
-        for beam in map(int, _BEAMS.value):
+    for batch in batches:
+        for beam in beams:
             variants = (False, True) if _NAIVE.value else (False,)
             for naive in variants:
                 print(json.dumps(measure(model, params, batch, beam, naive)), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

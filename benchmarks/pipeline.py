@@ -17,20 +17,21 @@ import statistics
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import peak_rss_gib
+from experiments import cli
 from transformer import config
 from transformer.data import pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/pipeline_bench", "Vocabulary and index cache.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 4000, "SentencePiece vocabulary size.")
-_ROWS = flags.DEFINE_integer("batch_rows", 48, "Rows per batch.")
-_LENGTH = flags.DEFINE_integer("row_length", 64, "Tokens per row.")
-_THREADS = flags.DEFINE_integer("num_threads", 2, "Reader threads.")
-_BATCHES = flags.DEFINE_integer("batches", 200, "Batches per timed pass.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 4000, "SentencePiece vocabulary size.", lower_bound=1)
+_ROWS = flags.DEFINE_integer("batch_rows", 48, "Rows per batch.", lower_bound=1)
+_LENGTH = flags.DEFINE_integer("row_length", 64, "Tokens per row.", lower_bound=1)
+_THREADS = flags.DEFINE_integer("num_threads", 2, "Reader threads.", lower_bound=1)
+_BATCHES = flags.DEFINE_integer("batches", 200, "Batches per timed pass.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes.", lower_bound=1)
 
 
 def main(argv):
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

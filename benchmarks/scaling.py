@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from benchmarks import train_step
+from benchmarks import positive_ints, train_step
+from experiments import cli
 from transformer import config, flops
 
-_TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per step (each side) in the length sweep.")
+_TOKENS = flags.DEFINE_integer(
+    "tokens", 4096, "Tokens per step (each side) in the length sweep.", lower_bound=1
+)
 _LENGTHS = flags.DEFINE_list(
     "sweep_lengths", ["64", "128", "256", "512", "1024"], "Row lengths of the length sweep."
 )
 _ROWS = flags.DEFINE_list(
     "sweep_rows", ["1", "2", "4", "8", "16", "32"], "Rows of the batch sweep."
 )
-_BATCH_LENGTH = flags.DEFINE_integer("batch_length", 128, "Row length of the batch sweep.")
+_BATCH_LENGTH = flags.DEFINE_integer(
+    "batch_length", 128, "Row length of the batch sweep.", lower_bound=1
+)
 
 
 def attention_share(preset: str, rows: int, length: int) -> float:
@@ -42,10 +47,11 @@ def attention_share(preset: str, rows: int, length: int) -> float:
 
 def main(argv):
     del argv
+    lengths = positive_ints("sweep_lengths", _LENGTHS.value)
+    points = [("length", max(1, _TOKENS.value // n), n) for n in lengths]
+    points += [("batch", r, _BATCH_LENGTH.value) for r in positive_ints("sweep_rows", _ROWS.value)]
     peaks = train_step.device_peaks()
     preset, dtype = train_step._PRESETS.value[0], train_step._DTYPES.value[0]
-    points = [("length", max(1, _TOKENS.value // int(n)), int(n)) for n in _LENGTHS.value]
-    points += [("batch", int(r), _BATCH_LENGTH.value) for r in _ROWS.value]
     for sweep, rows, length in points:
         result = train_step.measure(preset, dtype, rows, length, peaks)
         result.update(
@@ -57,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

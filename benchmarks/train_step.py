@@ -21,9 +21,10 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from benchmarks import peak_rss_gib
+from benchmarks import peak_rss_gib, positive_ints
+from experiments import cli
 from transformer import config, flops, sharding, train
 from transformer.model import Transformer
 
@@ -31,7 +32,7 @@ _PRESETS = flags.DEFINE_list("preset", ["base"], "Presets to measure.")
 _DTYPES = flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to measure.")
 _ROWS = flags.DEFINE_list("rows", ["8"], "Rows per batch.")
 _LENGTHS = flags.DEFINE_list("length", ["128"], "Tokens per row (source and target each).")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per configuration.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per configuration.", lower_bound=1)
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize layer activations.")
 _OVERRIDES = flags.DEFINE_list(
     "set", [], "Model config changes, e.g. d_model=128,d_ff=512,num_heads=4,vocab_size=4000."
@@ -129,6 +130,12 @@ def device_peaks() -> dict[str, float]:
 
 def main(argv):
     del argv
+    rows_list, lengths = positive_ints("rows", _ROWS.value), positive_ints("length", _LENGTHS.value)
+    for dtype in _DTYPES.value:
+        if dtype not in config.DTYPES:
+            raise cli.UserError(f"--dtype takes {' and/or '.join(config.DTYPES)}, got {dtype!r}")
+    for preset in _PRESETS.value:
+        config.preset(preset)  # an unknown name fails here, before any measurement
     peaks = device_peaks()
     print(
         json.dumps(
@@ -141,10 +148,10 @@ def main(argv):
     )
     for preset in _PRESETS.value:
         for dtype in _DTYPES.value:
-            for rows in map(int, _ROWS.value):
-                for length in map(int, _LENGTHS.value):
+            for rows in rows_list:
+                for length in lengths:
                     print(json.dumps(measure(preset, dtype, rows, length, peaks)), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,29 @@
+"""The benchmark scripts refuse bad flags before measuring anything."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("decode", ["--beam=4,0"], "--beam takes positive integers"),
+        ("decode", ["--steps=0"], "--steps=0"),
+        ("decode", ["--preset=huge", "--batch=1"], "unknown preset 'huge'"),
+        ("train_step", ["--dtype=float16"], "--dtype takes float32 and/or bfloat16"),
+        ("train_step", ["--rows=8,-1"], "--rows takes positive integers"),
+        ("scaling", ["--sweep_rows=2,x"], "--sweep_rows takes positive integers"),
+        ("pipeline", ["--repeats=0"], "--repeats=0"),
+    ],
+)
+def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].startswith(f"benchmarks.{script}: error:")
+    assert result.stdout == ""  # not even the matmul peak
