@@ -13,7 +13,7 @@ timed runs after a compile run.
 source keys/values of every layer again at every step, keeps them per beam,
 and gathers the whole cache (source keys/values included) when beams are
 reordered. Ours projects them once per sentence and moves no key or value:
-only a table of row indices follows the beams.
+only a table of beam indices follows the beams.
 """
 
 from __future__ import annotations

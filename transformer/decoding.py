@@ -22,7 +22,7 @@ What the paper's decoder needs, and how it is done here:
   the loop ends when every sentence is done.
 - The cache: the decoder's self-attention keys/values grow by one position per
   step, each written into the row of the hypothesis that computed it, and are
-  never copied: when beams change places, only a small lineage table [B*W, L]
+  never copied: when beams change places, only a small lineage table [B, W, L]
   of beam indices follows them (`reorder_lineage`), and attention reads keys and
   values through it. The encoder-decoder keys/values are projected once per
   source sentence, at source batch size, and read by all of its beams
