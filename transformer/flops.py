@@ -86,15 +86,38 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bfloat16 dot-product instructions, from /proc/cpuinfo.
+
+    x86: avx512_bf16 or amx_bf16; Arm: bf16. None where it cannot tell (no
+    /proc/cpuinfo, e.g. macOS, or no flags line in it).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+    return None
+
+
 def fastest_dtype() -> str:
     """The compute dtype that runs faster here: bfloat16 on GPU/TPU; on CPU,
-    bfloat16 only if its matmuls measure at least 10% faster than float32 ones
-    (true with AVX-512 BF16 or AMX, false on AVX2-only CPUs, where bfloat16
-    inputs are converted in software and run slower)."""
+    float32 unless the CPU has bfloat16 instructions (AVX-512 BF16, AMX, Arm
+    BF16) and its bfloat16 matmuls measure at least 10% faster than float32
+    ones. Without those instructions XLA converts bfloat16 in software and runs
+    slower; a one-off timing on a busy machine must not pick that path."""
     if jax.devices()[0].platform != "cpu":
         return "bfloat16"
-    bf16, f32 = measured_matmul_peak("bfloat16"), measured_matmul_peak("float32")
-    choice = np.int32(bf16 > 1.1 * f32)
+    if cpu_has_bfloat16() is False:
+        choice = np.int32(0)
+    else:
+        bf16, f32 = measured_matmul_peak("bfloat16"), measured_matmul_peak("float32")
+        choice = np.int32(bf16 > 1.1 * f32)
     if jax.process_count() > 1:  # every process must compute alike: process 0's choice
         choice = multihost_utils.broadcast_one_to_all(choice)
     return "bfloat16" if int(choice) else "float32"
