@@ -37,7 +37,8 @@ _HELP = {
     "(the paper: about 25000).",
     "vocab_sample_size": "Sentence pairs sampled to train the SentencePiece vocabulary.",
     "sentence_repeats": "ding_de_en: times each full-sentence pair appears per epoch.",
-    "first_alternative_only": "ding_de_en: keep only the first of synonymous alternatives.",
+    "first_alternative_only": "ding_de_en: phrases keep only the first of their synonymous "
+    "alternatives (sentences keep all).",
     "num_threads": "Threads reading and tokenizing batches ahead of the training step.",
     "prefetch_batches": "Batches prepared ahead.",
     # training

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from transformer import config
 from transformer.data import datasets, pipeline
 
 
@@ -98,3 +99,33 @@ def test_evaluation_keeps_every_example(ding_sample, sample_vocab):
             if i >= 0:  # cut to max_len, still EOS-terminated
                 ids = b["inputs"][row][b["inputs"][row] != 0]
                 assert len(ids) <= 6 and ids[-1] == 1
+
+
+def test_epoch_weights_sentences_and_can_drop_later_phrase_alternatives():
+    index = pipeline.ExampleIndex(
+        source_lengths=np.array([3, 3, 3, 9, 3, 3]),
+        target_lengths=np.array([3, 3, 3, 3, 3, 9]),
+        sentence=np.array([False, False, True, True, True, False]),
+        alternative=np.array([0, 1, 0, 0, 1, 2]),
+    )
+    data = config.DataConfig(dataset="ding_de_en", direction="de-en", sentence_repeats=4)
+    assert pipeline.epoch_repeats(index, data, max_len=8).tolist() == [1, 1, 4, 0, 4, 0]
+    # A phrase's later alternatives go; a sentence's alternative (a paraphrase) stays.
+    data = data.replace(first_alternative_only=True)
+    assert pipeline.epoch_repeats(index, data, max_len=8).tolist() == [1, 0, 4, 0, 4, 0]
+
+
+def test_an_epoch_holds_each_example_as_often_as_weighted(ding_sample, sample_vocab, tmp_path):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    data = ding_sample.replace(sentence_repeats=3, first_alternative_only=True)
+    weighted = pipeline.train_data(data, str(tmp_path), 350, max_len=32, seed=0)
+    index, plan = weighted.plan.index, weighted.plan
+    assert index.sentence.any() and (~index.sentence & (index.alternative > 0)).any()
+    seen = np.concatenate([np.concatenate(plan.batch(n)[2]) for n in range(plan.epoch_size(0))])
+    counts = np.bincount(seen.astype(np.int64), minlength=len(index))
+    fits = (index.source_lengths <= 32) & (index.target_lengths <= 32)
+    expected = np.where(index.sentence, 3, index.alternative == 0) * fits
+    np.testing.assert_array_equal(counts, expected)
+    assert plan.dropped == int(
+        np.sum(~fits)
+    )  # too long; the alternatives left out are not "dropped"

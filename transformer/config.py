@@ -332,7 +332,7 @@ class DataConfig:
     tokens_per_batch: int = 25_000
     vocab_sample_size: int = 2_000_000  # sentence pairs sampled to train SentencePiece
     # ding_de_en only: how often each full-sentence pair appears per epoch
-    # (phrases appear once), and whether to keep only the first alternatives.
+    # (phrases appear once), and whether phrases keep only their first alternative.
     sentence_repeats: int = 1
     first_alternative_only: bool = False
     num_threads: int = 2  # threads reading and tokenizing batches ahead of training

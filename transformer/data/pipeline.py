@@ -138,13 +138,18 @@ def load_or_measure(
 
 
 def epoch_repeats(index: ExampleIndex, data: DataConfig, max_len: int) -> np.ndarray:
-    """How often each example appears per epoch: 0 if too long, more for sentences."""
+    """How often each example appears per epoch: 0 if too long, more for sentences.
+
+    ding_de_en with first_alternative_only drops the phrases' later alternatives
+    (the i-th German synonym with the i-th English one: loosely aligned); a
+    sentence's alternatives are paraphrases of it and all stay.
+    """
     fits = (index.source_lengths <= max_len) & (index.target_lengths <= max_len)
     repeats = fits.astype(np.int64)
     if index.sentence is not None:
         repeats = np.where(index.sentence, repeats * data.sentence_repeats, repeats)
         if data.first_alternative_only:
-            repeats = np.where(index.alternative == 0, repeats, 0)
+            repeats = np.where(index.sentence | (index.alternative == 0), repeats, 0)
     return repeats
 
 
@@ -157,7 +162,8 @@ class TrainPlan:
         self.index, self.data, self.seed, self.row_multiple = index, data, seed, row_multiple
         self.max_len = min(max_len, data.max_len)
         self.repeats = epoch_repeats(index, data, self.max_len)
-        self.dropped = int(np.sum(self.repeats == 0))
+        too_long = (index.source_lengths > self.max_len) | (index.target_lengths > self.max_len)
+        self.dropped = int(np.sum(too_long))  # not counting alternatives left out on purpose
         if not self.repeats.any():
             raise ValueError(f"no training example fits max_len={self.max_len}")
         self._epochs: list[list] = []
@@ -309,6 +315,11 @@ def train_data(
             plan.dropped,
             len(index),
             plan.max_len,
+        )
+    if data.first_alternative_only and index.alternative is not None:
+        logging.info(
+            "left out %d later alternatives of phrases (first_alternative_only)",
+            int(np.sum(~index.sentence & (index.alternative > 0))),
         )
     dataset = TrainBatches(source, vocab, plan, process_index, process_count)
     return TrainData(vocab, plan, dataset, len(index))
