@@ -84,6 +84,14 @@ class ExampleIndex:
     def __len__(self) -> int:
         return len(self.source_lengths)
 
+    def fits(self, max_len: int) -> np.ndarray:
+        """Examples whose source and target both have at most max_len tokens."""
+        return (self.source_lengths <= max_len) & (self.target_lengths <= max_len)
+
+    def later_phrase_alternatives(self) -> np.ndarray:
+        """ding_de_en: phrases that are not their entry's first alternative."""
+        return ~self.sentence & (self.alternative > 0)
+
 
 def measure(source: TranslationSource, vocab: Vocabulary) -> ExampleIndex:
     """Tokenizes a whole split once to learn every example's lengths."""
@@ -144,12 +152,11 @@ def epoch_repeats(index: ExampleIndex, data: DataConfig, max_len: int) -> np.nda
     (the i-th German synonym with the i-th English one: loosely aligned); a
     sentence's alternatives are paraphrases of it and all stay.
     """
-    fits = (index.source_lengths <= max_len) & (index.target_lengths <= max_len)
-    repeats = fits.astype(np.int64)
+    repeats = index.fits(max_len).astype(np.int64)
     if index.sentence is not None:
         repeats = np.where(index.sentence, repeats * data.sentence_repeats, repeats)
         if data.first_alternative_only:
-            repeats = np.where(index.sentence | (index.alternative == 0), repeats, 0)
+            repeats = np.where(index.later_phrase_alternatives(), 0, repeats)
     return repeats
 
 
@@ -162,8 +169,8 @@ class TrainPlan:
         self.index, self.data, self.seed, self.row_multiple = index, data, seed, row_multiple
         self.max_len = min(max_len, data.max_len)
         self.repeats = epoch_repeats(index, data, self.max_len)
-        too_long = (index.source_lengths > self.max_len) | (index.target_lengths > self.max_len)
-        self.dropped = int(np.sum(too_long))  # not counting alternatives left out on purpose
+        # Too long only: alternatives left out on purpose are not "dropped".
+        self.dropped = int(np.sum(~index.fits(self.max_len)))
         if not self.repeats.any():
             raise ValueError(f"no training example fits max_len={self.max_len}")
         self._epochs: list[list] = []
@@ -319,7 +326,7 @@ def train_data(
     if data.first_alternative_only and index.alternative is not None:
         logging.info(
             "left out %d later alternatives of phrases (first_alternative_only)",
-            int(np.sum(~index.sentence & (index.alternative > 0))),
+            int(np.sum(index.later_phrase_alternatives())),
         )
     dataset = TrainBatches(source, vocab, plan, process_index, process_count)
     return TrainData(vocab, plan, dataset, len(index))
