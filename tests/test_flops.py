@@ -56,3 +56,11 @@ def test_a_cpu_peak_counts_one_measurement_per_process(monkeypatch):
     assert flops.device_peak("float32")[0] == 1e11  # 8 forced devices share the cores
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert flops.device_peak("float32")[0] == 2e11  # two hosts have twice the cores
+
+
+def test_the_measured_peak_is_the_fastest_repeat_not_a_slowed_one(monkeypatch):
+    # Repeats of 1 s, 4 s (another process took the cores) and 2 s: the peak is
+    # what the machine can do, 2 * 16^3 FLOPs in 1 s.
+    clock = iter([0.0, 1.0, 10.0, 14.0, 20.0, 22.0])
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
+    assert flops.measured_matmul_peak("float32", size=16, repeats=3) == 2 * 16**3
