@@ -39,6 +39,9 @@ _HELP = {
     "sentence_repeats": "ding_de_en: times each full-sentence pair appears per epoch.",
     "first_alternative_only": "ding_de_en: phrases keep only the first of their synonymous "
     "alternatives (sentences keep all).",
+    "subword_sampling": "Probability that a training example's side is segmented by "
+    "another of its n-best SentencePiece segmentations no longer than the best one "
+    "(subword regularization; 0: off).",
     "num_threads": "Threads reading and tokenizing batches ahead of the training step.",
     "prefetch_batches": "Batches prepared ahead.",
     # training

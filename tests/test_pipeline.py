@@ -129,3 +129,49 @@ def test_an_epoch_holds_each_example_as_often_as_weighted(ding_sample, sample_vo
     assert plan.dropped == int(
         np.sum(~fits)
     )  # too long; the alternatives left out are not "dropped"
+
+
+# ----------------------------------------------------------------------------
+# Subword regularization within the planned lengths
+# ----------------------------------------------------------------------------
+
+
+def test_resegmenting_keeps_the_text_and_never_lengthens_a_side(train, ding_sample):
+    source = datasets.load_split(ding_sample, "train")
+    texts = [source[i] for i in range(len(source))]
+    planned = pipeline.tokenize(train.vocab, texts, 32)
+    rng = np.random.default_rng(0)
+    sampled = pipeline.resegment(train.vocab, texts, planned, 1.0, rng)
+    changed = 0
+    for text_pair, before, after in zip(texts, planned, sampled, strict=True):
+        for text, a, b in zip(text_pair, before, after, strict=True):
+            assert train.vocab.decode(b) == text and b[-1] == 1  # same text, EOS last
+            assert len(b) <= len(a)  # fits where the plan put the tokenized side
+            changed += a != b
+    # The sample corpus has rare words with several segmentations of equal length.
+    assert changed > len(texts) // 4, changed
+    assert pipeline.resegment(train.vocab, texts, planned, 0.0, rng) == planned
+
+
+def test_subword_sampled_batches_resume_exactly_and_differ_from_plain_ones(
+    ding_sample, sample_vocab, tmp_path
+):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    sampled = ding_sample.replace(subword_sampling=0.5)
+    data = pipeline.train_data(sampled, str(tmp_path), 350, max_len=32, seed=0)
+    plain = pipeline.train_data(ding_sample, str(tmp_path), 350, max_len=32, seed=0)
+    again = pipeline.train_data(sampled, str(tmp_path), 350, max_len=32, seed=0)
+    differ = 0
+    for n in (0, 1, 5):
+        a, b, p = data.dataset[n], again.dataset[n], plain.dataset[n]
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])  # batch n is a function of n
+        # Same rows, segments and positions where the plan put them...
+        np.testing.assert_array_equal(a["targets_segmentation"] > 0, a["targets"] > 0)
+        differ += not all(np.array_equal(a[k], p[k]) for k in ("inputs", "targets"))
+    assert differ == 3  # ...and other segmentations than the plain batches'
+
+
+def test_subword_sampling_must_be_a_probability():
+    with pytest.raises(config.ConfigError, match="subword_sampling must be a probability"):
+        config.DataConfig(subword_sampling=1.5).validate()

@@ -335,6 +335,11 @@ class DataConfig:
     # (phrases appear once), and whether phrases keep only their first alternative.
     sentence_repeats: int = 1
     first_alternative_only: bool = False
+    # Subword regularization of training batches: each side of an example is, with
+    # this probability, segmented by one of the vocabulary's other n-best
+    # segmentations that is no longer than its best one (so every planned row
+    # still fits), chosen by a seeded RNG (so batch n is the same after resuming).
+    subword_sampling: float = 0.0
     num_threads: int = 2  # threads reading and tokenizing batches ahead of training
     prefetch_batches: int = 8
 
@@ -363,6 +368,10 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.subword_sampling <= 1.0:
+            raise ConfigError(
+                f"subword_sampling must be a probability in [0, 1], got {self.subword_sampling!r}"
+            )
         if self.batching == "packed" and self.max_len > self.row_length:
             raise ConfigError(
                 f"max_len ({self.max_len}) must not exceed row_length ({self.row_length}) "

@@ -267,6 +267,11 @@ class TrainBatches(grain.MapDataset):
         example_ids = sorted({int(i) for row in rows for i in row})
         texts = read_texts(self.source, example_ids)
         pairs = tokenize(self.vocab, texts, self.plan.max_len)
+        if self.plan.data.subword_sampling:
+            # One generator per (seed, batch): batch n is the same after a resume
+            # and whichever thread prepares it.
+            rng = np.random.default_rng([self.plan.seed, int(n)])
+            pairs = resegment(self.vocab, texts, pairs, self.plan.data.subword_sampling, rng)
         return assemble(pairs, rows, example_ids, length, self.plan.data.batching == "packed")
 
 
@@ -278,6 +283,40 @@ def tokenize(vocab: Vocabulary, texts: list[tuple[str, str]], max_len: int):
         (s[: max_len - 1] + [EOS_ID], t[: max_len - 1] + [EOS_ID])
         for s, t in zip(src, tgt, strict=True)
     ]
+
+
+NBEST = 8  # segmentations considered by subword sampling
+
+
+def resegment(
+    vocab: Vocabulary,
+    texts: list[tuple[str, str]],
+    pairs: list[tuple[list[int], list[int]]],
+    probability: float,
+    rng: np.random.Generator,
+) -> list[tuple[list[int], list[int]]]:
+    """Subword regularization (Kudo 2018) within the planned lengths.
+
+    Each side, with `probability`, takes one of its other n-best segmentations
+    that is no longer than the tokenized one (which the batch plan measured), so
+    that every row still fits; otherwise, or where none is that short, it keeps
+    its tokens. The generator's draws make the choice reproducible.
+    """
+    out = []
+    for text_pair, pair in zip(texts, pairs, strict=True):
+        sides = []
+        for text, ids in zip(text_pair, pair, strict=True):
+            if rng.random() < probability:
+                alternatives = [
+                    s + [EOS_ID]
+                    for s in vocab.nbest(text, NBEST)
+                    if len(s) < len(ids) and s + [EOS_ID] != ids
+                ]
+                if alternatives:
+                    ids = alternatives[rng.integers(len(alternatives))]
+            sides.append(ids)
+        out.append((sides[0], sides[1]))
+    return out
 
 
 @dataclasses.dataclass

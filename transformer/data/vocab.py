@@ -54,6 +54,10 @@ class Vocabulary:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 
+    def nbest(self, text: str, n: int) -> list[list[int]]:
+        """The n most probable segmentations of text, best first (unigram models)."""
+        return self._sp.nbest_encode_as_ids(text, n)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, stopping at the first EOS and skipping PAD and BOS."""
         kept = []
