@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"--last must be >= 1, got {LAST.value}")
     output = OUTPUT.value or os.path.join(WORKDIR.value, f"average_last{LAST.value}")
     result = trained.write_average(WORKDIR.value, LAST.value, output)
-    print(f"averaged {result.describe()} into {output}")
+    print(f"averaged the parameters of steps {', '.join(map(str, result.steps))} into {output}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ class UserError(Exception):
     """Something the user can correct; the message says what and how."""
 
 
+def check_output_file(flag: str, path: str) -> None:
+    """Refuses, before any work, an output path that cannot be written as a file."""
+    if os.path.isdir(path):
+        raise UserError(f"--{flag}={path} is a folder; give the name of a file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"--{flag}={path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--{flag}={path}: the folder {parent} is not writable")
+
+
 def fail(message: str) -> None:
     """Prints the one-line error and exits with status 1."""
     first_line = " ".join(str(message).split())
@@ -60,7 +71,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e))
+        fail(str(e).removeprefix("ERROR:: "))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -76,6 +87,8 @@ def run(main: Callable[[list[str]], None]) -> None:
         except (ConfigError, UserError, DataError, CheckpointError) as e:
             fail(str(e))
         except OSError as e:  # a full disk, a missing or unwritable path
+            if isinstance(e, FileExistsError) and os.path.isfile(e.filename or ""):
+                fail(f"{e.filename} is a file, not a folder; give a folder's path")
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             fail(f"{e.strerror or e}{where}; check the path and free space, then rerun")
 

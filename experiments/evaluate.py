@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import flags
 
@@ -34,11 +35,27 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory, if not th
 
 
 def read_lines(path: str) -> list[str]:
+    """The file's lines; invalid UTF-8 is replaced by U+FFFD, with a warning."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n").rstrip("\r") for line in f]
+        with open(path, "rb") as f:
+            raw = [line.rstrip(b"\n").rstrip(b"\r") for line in f]
     except OSError as e:
         raise cli.UserError(f"{path} cannot be read: {e.strerror}") from e
+    lines, invalid = [], []
+    for number, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("utf-8", errors="replace"))
+            invalid.append(number)
+    if invalid:
+        shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
+        print(
+            f"warning: {path}: invalid UTF-8 replaced by U+FFFD on {len(invalid)} "
+            f"line(s) ({shown})",
+            file=sys.stderr,
+        )
+    return lines
 
 
 def pairs_from_files() -> tuple[list[str], list[str], str]:
@@ -67,21 +84,30 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}")
     if LIMIT.value < 0:
         raise cli.UserError(f"--limit must be >= 0, got {LIMIT.value}")
-    model = trained_flags.load()
-    data = model.data
-    if DATA_DIR.value:
-        data = data.replace(data_dir=DATA_DIR.value)
+    if HYPOTHESES.value:
+        cli.check_output_file("hypotheses", HYPOTHESES.value)
     if SOURCE_FILE.value:
         sources, references, name = pairs_from_files()
         if LIMIT.value:
             sources, references = sources[: LIMIT.value], references[: LIMIT.value]
-    else:
+        if not sources:
+            raise cli.UserError(f"--source_file={SOURCE_FILE.value} is empty: nothing to score")
+    model = trained_flags.load()
+    data = model.data
+    if DATA_DIR.value:
+        data = data.replace(data_dir=DATA_DIR.value)
+    if not SOURCE_FILE.value:
         sources, references, name = pairs_from_split(data)
+    tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"
+    out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
+    local = "://" not in trained_flags.WORKDIR.value
+    if not HYPOTHESES.value and local and not os.access(trained_flags.WORKDIR.value, os.W_OK):
+        raise cli.UserError(
+            f"{trained_flags.WORKDIR.value} is not writable; give --hypotheses=FILE elsewhere"
+        )
     translator = trained_flags.translator(model)
     hypotheses = translator.translate(sources)
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
-    tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"
-    out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
     print(

@@ -8,7 +8,9 @@ The workdir holds the model config, vocabulary and checkpoints, so nothing
 else is needed. Whatever the input, there is exactly one output line per input
 line, in order: an empty line gives an empty line; a line longer than the
 model's max length is translated in pieces (warned about on stderr); invalid
-UTF-8 is replaced by U+FFFD (warned about). Input is read and translated in
+UTF-8 is replaced by U+FFFD (warned about); an empty input gives no output and
+a warning. A bad --output is refused before the model loads, and a failed run
+leaves no partial file behind. Input is read and translated in
 chunks, so a file of any size runs in bounded memory; sentences within a chunk
 are batched by length.
 """
@@ -124,22 +126,33 @@ def main(argv: list[str]) -> None:
             open(INPUT.value, "rb").close()
         except OSError as e:
             raise cli.UserError(f"--input={INPUT.value} cannot be read: {e.strerror}") from e
+    if OUTPUT.value is not None:
+        cli.check_output_file("output", OUTPUT.value)
     model = trained_flags.load()
     translator = trained_flags.translator(model, tokens_per_batch=TOKENS_PER_BATCH.value)
     progress = ProgressBar(_count_lines(INPUT.value)) if INPUT.value else None
     # A named output is written beside its place and renamed when complete:
     # an interrupted run leaves an earlier file of that name untouched.
     partial = f"{OUTPUT.value}.partial" if OUTPUT.value else None
-    with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open(INPUT.value, "rb")) if INPUT.value else sys.stdin.buffer
+    try:
+        with contextlib.ExitStack() as stack:
+            source = (
+                stack.enter_context(open(INPUT.value, "rb")) if INPUT.value else sys.stdin.buffer
+            )
+            if partial:
+                sink = stack.enter_context(open(partial, "w", encoding="utf-8"))
+            else:
+                sys.stdout.reconfigure(encoding="utf-8")
+                sink = sys.stdout
+            lines = translate_stream(translator, source, sink, CHUNK_LINES.value, progress)
         if partial:
-            sink = stack.enter_context(open(partial, "w", encoding="utf-8"))
-        else:
-            sys.stdout.reconfigure(encoding="utf-8")
-            sink = sys.stdout
-        translate_stream(translator, source, sink, CHUNK_LINES.value, progress)
-    if partial:
-        os.replace(partial, OUTPUT.value)
+            os.replace(partial, OUTPUT.value)
+    except BaseException:  # a full disk, Ctrl-C: no half-written file is left behind
+        if partial and os.path.exists(partial):
+            os.remove(partial)
+        raise
+    if lines == 0:
+        warn("the input was empty: nothing to translate")
 
 
 if __name__ == "__main__":

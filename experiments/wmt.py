@@ -175,6 +175,9 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
     model, data, train = build_configs()
     if _CHECK_ONLY.value:
+        from transformer import sharding
+
+        sharding.mesh_spec(_MESH.value)  # its device count is checked where it runs
         model = _resolve_dtype(model)
         print(
             json.dumps(

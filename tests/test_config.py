@@ -80,7 +80,7 @@ def test_bad_model_flags_exit_1_with_one_line(args, message):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
-    assert lines[0].startswith("experiments.params: error:")
+    assert lines[0].startswith("experiments.params: error:") and "ERROR" not in lines[0]
 
 
 def test_heads_override_derives_head_sizes():

@@ -106,6 +106,23 @@ def test_missing_corpus_says_how_to_get_it(monkeypatch, tmp_path):
         ding.find_corpus(str(tmp_path))
 
 
+def test_a_manual_dir_without_the_file_is_refused_not_ignored(tmp_path):
+    # The builder would otherwise fall back to the system file and succeed.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for manual, message in [
+        (tmp_path / "missing", "is not a folder"),
+        (empty, "no Ding dictionary file"),
+    ]:
+        data = DataConfig(
+            dataset="ding_de_en", direction="de-en", data_dir=str(tmp_path / "tfds"),
+            manual_dir=str(manual),
+        )  # fmt: skip
+        with pytest.raises(DataError, match=message):
+            datasets.prepare(data)
+    assert not (tmp_path / "tfds" / "ding_de_en").exists()
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "de-en").write_text("# only a comment\nno pairs here\n")
     with pytest.raises(DataError, match="no dictionary lines"):

@@ -1,6 +1,7 @@
 """A trained model in use: translate, evaluate, average, attention maps, and the BLEU figures."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -251,6 +252,83 @@ def test_translate_bad_flags_exit_1_with_one_line(trained_workdir, args, message
     args = [a.replace("=W", f"={trained_workdir}") for a in args]
     result = run_module("experiments.translate", *args, check=False, stdin=b"Hallo\n")
     assert message in _one_line_error(result, "experiments.translate")
+
+
+def _damaged_copy(trained_workdir, tmp_path, damage: str):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_workdir, copy)
+    if damage == "config_not_json":
+        (copy / "config.json").write_text("{not json")
+    elif damage == "config_without_records":
+        (copy / "config.json").write_text("{}")
+    elif damage == "vocab_garbage":
+        (copy / VOCAB_FILE).write_bytes(bytes(range(256)) * 2)
+    elif damage == "latest_checkpoint_truncated":
+        params = copy / "checkpoints" / "240" / "params"
+        data = max((f for f in params.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("config_not_json", "config.json is not valid JSON"),
+        ("config_without_records", "config.json is not a training config"),
+        ("vocab_garbage", "vocab.model: not a SentencePiece model"),
+        (
+            "latest_checkpoint_truncated",
+            "checkpoints/240 cannot be restored: Encountered error while reading",
+        ),
+    ],
+)
+def test_a_damaged_workdir_is_named_in_one_line(trained_workdir, tmp_path, damage, message):
+    copy = _damaged_copy(trained_workdir, tmp_path, damage)
+    result = run_module("experiments.translate", f"--workdir={copy}", stdin=b"Hallo\n", check=False)
+    line = _one_line_error(result, "experiments.translate")
+    assert message in line
+    assert len(line) < 400 and "TensorStore" not in line
+    if damage == "latest_checkpoint_truncated":
+        assert "other checkpoints: steps 80, 160" in line
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_workdir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("Das Haus.\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = run_module(
+        "experiments.translate", f"--workdir={trained_workdir}", f"--input={source}",
+        f"--output={folder}", check=False,
+    )  # fmt: skip
+    assert f"--output={folder} is a folder" in _one_line_error(result, "experiments.translate")
+    assert sorted(os.listdir(tmp_path)) == ["folder", "in.txt"]  # no stray .partial file
+    missing = tmp_path / "missing" / "h.txt"
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}", f"--hypotheses={missing}",
+        check=False,
+    )  # fmt: skip
+    line = _one_line_error(result, "experiments.evaluate")
+    assert f"the folder {missing.parent} does not exist" in line
+
+
+def test_evaluate_refuses_empty_files_and_warns_about_invalid_utf8(trained_workdir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}", f"--source_file={empty}",
+        f"--reference_file={empty}", check=False,
+    )  # fmt: skip
+    assert "is empty: nothing to score" in _one_line_error(result, "experiments.evaluate")
+    (tmp_path / "src.txt").write_bytes(b"Das Haus.\nDie Stra\xdfe.\n")
+    (tmp_path / "ref.txt").write_bytes(b"The house.\nThe street.\n")
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}", "--beam=1",
+        f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
+        f"--hypotheses={tmp_path / 'hyp.txt'}",
+    )  # fmt: skip
+    assert "src.txt: invalid UTF-8 replaced by U+FFFD on 1 line(s) (2)" in result.stderr.decode()
+    assert len(_lines((tmp_path / "hyp.txt").read_bytes())) == 2
 
 
 def test_bleu_functions_agree_with_sacrebleu():

@@ -298,6 +298,9 @@ def test_every_shipped_flagfile_validates(name):
         (["--mesh=model:2"], "mesh axis 'model' unknown"),
         (["--label_smoothing=1.5"], "label_smoothing"),
         (["--lr_decay=cosine"], "--lr_decay"),
+        (["--final_eval_split=bogus"], "one of '' (none), validation, test"),
+        (["--check_only", "--mesh=garbage"], "mesh must look like"),
+        (["--check_only", "--mesh=model:2"], "mesh axis 'model' unknown"),
         ([], "--workdir is required"),
     ],
 )
@@ -308,6 +311,39 @@ def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert message in lines[0] and lines[0].startswith("experiments.wmt: error:")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_check_only_leaves_the_device_count_to_the_run():
+    # A TPU flagfile's mesh is checked on a laptop for its form, not its size.
+    result = _wmt("--preset=tiny", "--mesh=data:8,tensor:4", "--check_only")
+    assert json.loads(result.stdout)["model"]["d_model"] > 0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "config.json is not valid JSON"),
+        ('{"model": {}}', "config.json is not a training config"),
+    ],
+)
+def test_a_damaged_config_json_is_named_and_kept(ding_sample, tmp_path, content, message):
+    (tmp_path / "config.json").write_text(content)
+    result = _wmt(*_tiny_args(ding_sample, tmp_path, 2), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert message in lines[0]
+    assert (tmp_path / "config.json").read_text() == content  # not overwritten
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_file_as_workdir_is_named(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("keep me")
+    result = _wmt("--preset=tiny", f"--workdir={path}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert f"{path} is a file, not a folder" in lines[0]
+    assert path.read_text() == "keep me"
 
 
 def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):

@@ -153,7 +153,10 @@ def restore(
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-        reason = " ".join(str(e).split())[:300]
+        reason = " ".join(str(e).split())
+        # TensorStore appends a dump of its spec (hundreds of characters, no help).
+        reason = re.split(r"\s*See full TensorStore details|\s*<bound method", reason)[0]
+        reason = reason[:300].rstrip(". ")
         raise CheckpointError(f"checkpoint {path} cannot be restored: {reason}") from e
     _check_shapes(path, abstract_params, restored["params"])
     expected = restored["meta"].get("fingerprint")

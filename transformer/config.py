@@ -91,7 +91,8 @@ class ModelConfig:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        shown = ", ".join(choice or "'' (none)" for choice in allowed)
+        raise ConfigError(f"{name} must be one of {shown}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------

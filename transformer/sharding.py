@@ -48,6 +48,23 @@ def parse_mesh(spec: str, device_count: int) -> dict[str, int]:
 
     One axis may be -1 (all remaining devices); unnamed axes have size 1.
     """
+    sizes = mesh_spec(spec)
+    wildcard = [name for name, size in sizes.items() if size == -1]
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if wildcard:
+        if device_count % fixed:
+            raise ConfigError(f"mesh {spec!r} does not divide the {device_count} devices")
+        sizes[wildcard[0]] = device_count // fixed
+    if math.prod(sizes.values()) != device_count:
+        raise ConfigError(
+            f"mesh {spec!r} has {math.prod(sizes.values())} devices but there are "
+            f"{device_count}; use -1 for one axis to take the rest"
+        )
+    return sizes
+
+
+def mesh_spec(spec: str) -> dict[str, int]:
+    """The axis sizes a --mesh value asks for (-1: the rest), whatever the devices."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     if not re.fullmatch(r"\s*\w+:-?\d+(\s*,\s*\w+:-?\d+)*\s*", spec or ""):
         raise ConfigError(f"mesh must look like 'data:-1,fsdp:1,tensor:1', got {spec!r}")
@@ -59,16 +76,6 @@ def parse_mesh(spec: str, device_count: int) -> dict[str, int]:
     wildcard = [name for name, size in sizes.items() if size == -1]
     if len(wildcard) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ConfigError(f"mesh sizes must be positive, with at most one -1; got {spec!r}")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if wildcard:
-        if device_count % fixed:
-            raise ConfigError(f"mesh {spec!r} does not divide the {device_count} devices")
-        sizes[wildcard[0]] = device_count // fixed
-    if math.prod(sizes.values()) != device_count:
-        raise ConfigError(
-            f"mesh {spec!r} has {math.prod(sizes.values())} devices but there are "
-            f"{device_count}; use -1 for one axis to take the rest"
-        )
     return sizes
 
 

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from transformer import checkpoint, evaluation, flops, metrics, sharding
+from transformer import checkpoint, evaluation, flops, metrics, sharding, trained
 from transformer.config import DataConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.model import Transformer
@@ -338,7 +338,7 @@ def _write_config(setup: Setup) -> None:
         "train": dataclasses.asdict(setup.train),
     }
     if path.exists():
-        previous = json.loads(path.read_text()).get("model", {})
+        previous = trained.read_record(path)["model"]
         changed = sorted(
             k
             for k in record["model"]

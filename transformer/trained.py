@@ -59,12 +59,37 @@ def read_configs(workdir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
             f"{workdir} is not a training workdir (no {CONFIG_FILE}); "
             "give the --workdir that experiments.wmt trained in"
         )
-    record = json.loads(path.read_text())
-    return (
-        ModelConfig(**record["model"]),
-        DataConfig(**record["data"]),
-        TrainConfig(**record["train"]),
-    )
+    record = read_record(path)
+    try:
+        return (
+            ModelConfig(**record["model"]),
+            DataConfig(**record["data"]),
+            TrainConfig(**record["train"]),
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not a training config (bad or missing entry {e}); restore it "
+            "from a copy, or train again in a new --workdir"
+        ) from e
+
+
+def read_record(path: epath.Path) -> dict:
+    """A config.json as a dict of its "model", "data" and "train" records."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); restore it from a copy, "
+            "or train again in a new --workdir"
+        ) from e
+    if not isinstance(record, dict) or not all(
+        isinstance(record.get(k), dict) for k in ("model", "data", "train")
+    ):
+        raise CheckpointError(
+            f"{path} is not a training config (it needs model, data and train records); "
+            "restore it from a copy, or train again in a new --workdir"
+        )
+    return record
 
 
 def load_vocab(workdir: str, model: ModelConfig) -> Vocabulary:
@@ -157,7 +182,12 @@ def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Tra
     model_cfg, data_cfg, train_cfg = read_configs(workdir)
     vocab = load_vocab(workdir, model_cfg)
     steps = choose_steps(workdir, step, average_last)
-    params = average_params(workdir, model_cfg, steps)
+    try:
+        params = average_params(workdir, model_cfg, steps)
+    except CheckpointError as e:
+        others = [s for s in checkpoint_steps(workdir) if s not in steps]
+        hint = f" (the workdir's other checkpoints: {_listed(others)})" if others else ""
+        raise CheckpointError(f"{e}{hint}") from e
     return Trained(Transformer(model_cfg), params, vocab, data_cfg, train_cfg, tuple(steps))
 
 

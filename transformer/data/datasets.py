@@ -27,6 +27,8 @@ def prepare(data: DataConfig) -> None:
     if data.dataset == "ding_de_en":
         builder = _ding_builder(data)
         if not builder.is_prepared():
+            if data.manual_dir:  # the builder would fall back to the system file
+                ding.find_corpus(data.manual_dir)
             print(f"building ding_de_en in {builder.data_dir} (once, about a minute)", flush=True)
             config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
             tfds.disable_progress_bar()  # a minute of bars redrawn in a log is noise

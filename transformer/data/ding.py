@@ -132,6 +132,11 @@ def split_pairs(pairs: list[tuple[str, str, int]]) -> dict[str, list[tuple[str, 
 def find_corpus(manual_dir: str | None) -> epath.Path:
     """The dictionary file: in manual_dir if given, else the Debian package's."""
     if manual_dir:
+        if not epath.Path(manual_dir).is_dir():
+            raise DataError(
+                f"--manual_dir={manual_dir} is not a folder; give the folder that holds "
+                f"a copy of {SYSTEM_PATH}, or leave the flag out to use that file"
+            )
         for name in MANUAL_NAMES:
             candidate = epath.Path(manual_dir) / name
             if candidate.exists():

@@ -31,7 +31,13 @@ class Vocabulary:
 
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise DataError(
+                "not a SentencePiece model (it does not parse); restore it from a copy, "
+                "or train in a new --workdir"
+            ) from e
         ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id(), self._sp.unk_id())
         if ids != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
             raise DataError(
@@ -41,7 +47,10 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
-        return cls(epath.Path(path).read_bytes())
+        try:
+            return cls(epath.Path(path).read_bytes())
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from e
 
     @property
     def size(self) -> int:
