@@ -15,10 +15,14 @@ Where a run starts (written once, here and in train.py):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -151,7 +155,8 @@ def restore(
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     path = mngr.directory / str(step)
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+        with _stderr_held_back():
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
         reason = " ".join(str(e).split())
         # TensorStore appends a dump of its spec (hundreds of characters, no help).
@@ -166,6 +171,38 @@ def restore(
             "written with them (a file was altered or damaged)"
         )
     return Restored(step, restored["params"], restored.get("opt_state"), restored["meta"])
+
+
+@contextlib.contextmanager
+def _stderr_held_back(grace_seconds: float = 1.0):
+    """Holds back what is written to stderr (fd 2) during a restore.
+
+    When one array cannot be read, orbax's event loop stops and closes while
+    TensorStore still reads the other arrays; each read that ends then prints
+    "RuntimeError: Event loop is closed" with a traceback from a TensorStore
+    thread, during the restore and shortly after it, ahead of our one-line
+    error. So stderr goes to a temporary file: after a restore that succeeds
+    its content is written out (orbax's warnings are kept); after one that
+    fails, the reads still running are given `grace_seconds` to end, and the
+    file, noise and all, is dropped: the error says what went wrong.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:
+                time.sleep(grace_seconds)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                os.write(2, held.read())
 
 
 def _check_shapes(path, expected, restored) -> None:
