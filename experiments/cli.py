@@ -23,6 +23,16 @@ class UserError(Exception):
     """Something the user can correct; the message says what and how."""
 
 
+def decode_line(raw: bytes) -> tuple[str, bool]:
+    """A line of input without its line ending, and whether it held invalid UTF-8
+    (replaced by U+FFFD)."""
+    raw = raw.rstrip(b"\n").rstrip(b"\r")
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
 def check_output_file(flag: str, path: str) -> None:
     """Refuses, before any work, an output path that cannot be written as a file."""
     if os.path.isdir(path):

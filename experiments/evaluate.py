@@ -38,16 +38,11 @@ def read_lines(path: str) -> list[str]:
     """The file's lines; invalid UTF-8 is replaced by U+FFFD, with a warning."""
     try:
         with open(path, "rb") as f:
-            raw = [line.rstrip(b"\n").rstrip(b"\r") for line in f]
+            decoded = [cli.decode_line(raw) for raw in f]
     except OSError as e:
         raise cli.UserError(f"{path} cannot be read: {e.strerror}") from e
-    lines, invalid = [], []
-    for number, line in enumerate(raw, 1):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(line.decode("utf-8", errors="replace"))
-            invalid.append(number)
+    lines = [text for text, _ in decoded]
+    invalid = [number for number, (_, bad) in enumerate(decoded, 1) if bad]
     if invalid:
         shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
         print(

@@ -49,11 +49,7 @@ def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, str, bo
     chunk, number = [], 0
     for raw in stream:
         number += 1
-        raw = raw.rstrip(b"\n").rstrip(b"\r")
-        try:
-            chunk.append((number, raw.decode("utf-8"), False))
-        except UnicodeDecodeError:
-            chunk.append((number, raw.decode("utf-8", errors="replace"), True))
+        chunk.append((number, *cli.decode_line(raw)))
         if len(chunk) == size:
             yield chunk
             chunk = []

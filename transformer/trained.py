@@ -66,9 +66,9 @@ def read_configs(workdir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
             DataConfig(**record["data"]),
             TrainConfig(**record["train"]),
         )
-    except (KeyError, TypeError) as e:
+    except TypeError as e:  # a field these configs do not have
         raise CheckpointError(
-            f"{path} is not a training config (bad or missing entry {e}); restore it "
+            f"{path} is not a training config ({e}); restore it "
             "from a copy, or train again in a new --workdir"
         ) from e
 
