@@ -261,6 +261,10 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
         (copy / "config.json").write_text("{not json")
     elif damage == "config_without_records":
         (copy / "config.json").write_text("{}")
+    elif damage == "config_without_d_model":
+        record = json.loads((copy / "config.json").read_text())
+        del record["model"]["d_model"]
+        (copy / "config.json").write_text(json.dumps(record))
     elif damage == "vocab_garbage":
         (copy / VOCAB_FILE).write_bytes(bytes(range(256)) * 2)
     elif damage == "latest_checkpoint_truncated":
@@ -275,6 +279,7 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
     [
         ("config_not_json", "config.json is not valid JSON"),
         ("config_without_records", "config.json is not a training config"),
+        ("config_without_d_model", "its model record lacks d_model"),
         ("vocab_garbage", "vocab.model: not a SentencePiece model"),
         (
             "latest_checkpoint_truncated",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_training_args
 
-from transformer import config, sharding, train
+from transformer import checkpoint, config, sharding, train
 from transformer.data import pipeline
 from transformer.model import Transformer
 
@@ -356,6 +356,24 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     assert "resumed from step 2" in resumed.stdout
     model = json.loads((tmp_path / "config.json").read_text())["model"]
     assert model["dtype"] == "bfloat16" and model["remat"] is True
+
+
+def test_a_config_json_from_before_a_field_existed_still_resumes(tmp_path):
+    setup = train.Setup(
+        model=config.preset("tiny"), train=config.TrainConfig(), data=config.DataConfig(),
+        workdir=str(tmp_path),
+    )  # fmt: skip
+    train._write_config(setup)
+    path = tmp_path / "config.json"
+    record = json.loads(path.read_text())
+    del record["model"]["layer_norm_epsilon"]  # a field with a default: it had that value
+    path.write_text(json.dumps(record))
+    train._write_config(setup)
+    assert json.loads(path.read_text())["model"]["layer_norm_epsilon"] == 1e-6
+    del record["model"]["d_model"]  # a shape field has no "then": the model is unknown
+    path.write_text(json.dumps(record))
+    with pytest.raises(checkpoint.CheckpointError, match=r"different config \(d_model\)"):
+        train._write_config(setup)
 
 
 def test_the_loop_anneals_the_learning_rate(ding_sample, tmp_path):

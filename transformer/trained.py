@@ -33,6 +33,14 @@ from transformer.model import Transformer
 
 CONFIG_FILE = "config.json"
 
+# Fields that fix the parameters' shapes: a config.json without one of them
+# cannot be read by falling back to the default (other fields can: a workdir
+# written before a field existed trained with its default).
+SHAPE_FIELDS = (
+    "vocab_size", "d_model", "d_ff", "num_heads", "d_k", "d_v",
+    "num_encoder_layers", "num_decoder_layers",
+)  # fmt: skip
+
 
 @dataclasses.dataclass
 class Trained:
@@ -60,6 +68,12 @@ def read_configs(workdir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
             "give the --workdir that experiments.wmt trained in"
         )
     record = read_record(path)
+    missing = [name for name in SHAPE_FIELDS if name not in record["model"]]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a training config (its model record lacks {', '.join(missing)}); "
+            "restore it from a copy, or train again in a new --workdir"
+        )
     try:
         return (
             ModelConfig(**record["model"]),
