@@ -339,14 +339,17 @@ def _write_config(setup: Setup) -> None:
     }
     if path.exists():
         previous = trained.read_record(path)["model"]
-        # A field missing from an older config.json had its default then (read_configs too).
-        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        # A field missing from an older config.json had its default then (read_configs too);
+        # a shape field has no default to fall back on.
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in trained.SHAPE_FIELDS
+        }
         changed = sorted(
             k
             for k in record["model"]
-            if k not in COMPUTE_ONLY
-            and previous.get(k, None if k in trained.SHAPE_FIELDS else defaults[k])
-            != record["model"][k]
+            if k not in COMPUTE_ONLY and previous.get(k, defaults.get(k)) != record["model"][k]
         )
         if changed:
             raise checkpoint.CheckpointError(
