@@ -22,6 +22,13 @@ ALPHA = flags.DEFINE_float(
     "Length penalty ((5 + len) / 6)^alpha. Default: the workdir's --length_penalty.",
 )
 
+NO_REPEAT_NGRAM = flags.DEFINE_integer(
+    "no_repeat_ngram",
+    None,
+    "Never repeat an n-gram of this many subword pieces within an output (0: off). "
+    "Default: the workdir's --no_repeat_ngram.",
+)
+
 
 def check() -> None:
     """Validates the shared flags: one line naming the flag on a bad value."""
@@ -37,6 +44,8 @@ def check() -> None:
         raise UserError(f"--beam must be >= 1, got {BEAM.value}")
     if ALPHA.value is not None and ALPHA.value < 0:
         raise UserError(f"--alpha must be >= 0, got {ALPHA.value}")
+    if NO_REPEAT_NGRAM.value is not None and NO_REPEAT_NGRAM.value < 0:
+        raise UserError(f"--no_repeat_ngram must be >= 0, got {NO_REPEAT_NGRAM.value}")
 
 
 def load() -> trained.Trained:
@@ -45,11 +54,15 @@ def load() -> trained.Trained:
 
 
 def translator(model: trained.Trained, **options) -> Translator:
-    """A Translator for the loaded model. Beam size and length penalty: the flags where
-    given, else those the workdir trained with (so that a workdir's final scores are
-    reproduced by default). `options` go to Translator (e.g. tokens_per_batch)."""
+    """A Translator for the loaded model. Beam size, length penalty and n-gram blocking:
+    the flags where given, else those the workdir trained with (so that a workdir's final
+    scores are reproduced by default). `options` go to Translator (e.g. tokens_per_batch)."""
     beam = model.train.beam_size if BEAM.value is None else BEAM.value
     alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
+    ngram = NO_REPEAT_NGRAM.value
+    if ngram is None:
+        ngram = model.train.no_repeat_ngram
     return Translator(
-        model.model, model.params, model.vocab, beam_size=beam, alpha=alpha, **options
-    )
+        model.model, model.params, model.vocab, beam_size=beam, alpha=alpha,
+        no_repeat_ngram=ngram, **options,
+    )  # fmt: skip

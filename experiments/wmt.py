@@ -66,6 +66,8 @@ _HELP = {
     "final_eval_split": "Split translated and scored at the end ('' to skip).",
     "beam_size": "Beam size for evaluation decoding (the paper: 4).",
     "length_penalty": "Length penalty alpha (the paper: 0.6).",
+    "no_repeat_ngram": "Decoding never repeats an n-gram of this many subword pieces within "
+    "an output (0: off, the paper's).",
     "checkpoint_every": "Steps between checkpoints (0: by time only).",
     "checkpoint_minutes": "Minutes between checkpoints (the paper: 10; 0: by steps only).",
     "keep_checkpoints": "Checkpoints kept (the paper averages the last 5 base / 20 big).",

@@ -51,6 +51,7 @@ def test_invalid_model_config_names_the_setting(changes, named):
         ({"label_smoothing": 1.5}, "label_smoothing"),
         ({"grad_accum_steps": 0}, "grad_accum_steps"),
         ({"learning_rate_scale": 0.0}, "learning_rate_scale"),
+        ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
     ],
 )
 def test_invalid_train_config_names_the_setting(changes, named):

@@ -166,16 +166,17 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
     shutil.copytree(trained_workdir, workdir)
     cfg = json.loads((workdir / "config.json").read_text())
     assert (cfg["train"]["beam_size"], cfg["train"]["length_penalty"]) != (2, 1.5)
-    cfg["train"].update(beam_size=2, length_penalty=1.5)
+    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3)
     (workdir / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "src.txt").write_text("Der Hund sieht das grüne Haus.\n")
     args = [f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'src.txt'}"]
     text = run_module("experiments.evaluate", f"--workdir={workdir}", *args).stdout.decode()
-    assert "beam 2, alpha 1.5" in text
+    assert "beam 2, alpha 1.5, no repeated 3-grams\n" in text
     text = run_module(
-        "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0", *args
-    ).stdout.decode()
-    assert "beam 1, alpha 0" in text
+        "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0",
+        "--no_repeat_ngram=0", *args,
+    ).stdout.decode()  # fmt: skip
+    assert "beam 1, alpha 0\n" in text
 
 
 def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):
@@ -244,6 +245,7 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         (["--workdir=/nonexistent"], "not a training workdir"),
         (["--workdir=W", "--step=7"], "no checkpoint at step 7; it has steps 80, 160, 240"),
         (["--workdir=W", "--beam=0"], "--beam must be >= 1"),
+        (["--workdir=W", "--no_repeat_ngram=-1"], "--no_repeat_ngram must be >= 0"),
         (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
         (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
     ],

@@ -249,6 +249,7 @@ class TrainConfig:
     final_eval_split: str = "test"  # translated in full at the end ("" to skip)
     beam_size: int = 4
     length_penalty: float = 0.6
+    no_repeat_ngram: int = 0  # > 0: decoding never repeats an n-gram of pieces (paper: off)
     checkpoint_every: int = 1000  # steps (0: only by time and at the end)
     checkpoint_minutes: float = 10.0  # the paper's interval (0: only by steps)
     keep_checkpoints: int = 5  # the paper averages the last 5 (base) or 20 (big)
@@ -266,7 +267,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "eval_bleu_sentences", "checkpoint_every"):
+        for name in ("eval_every", "eval_bleu_sentences", "checkpoint_every", "no_repeat_ngram"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")

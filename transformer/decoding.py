@@ -20,6 +20,9 @@ What the paper's decoder needs, and how it is done here:
   A sentence is done once that bound of its best live beam is no better than
   its best finished hypothesis, or once W hypotheses have ended (a full beam);
   the loop ends when every sentence is done.
+- Not in the paper, off by default: no_repeat_ngram = n > 0 bans every token
+  that would repeat an n-gram of subword pieces within a hypothesis, which
+  stops a half-trained model's loops ("by by by by") at a high length penalty.
 - The cache: the decoder's self-attention keys/values grow by one position per
   step, each written into the row of the hypothesis that computed it, and are
   never copied: when beams change places, only a small lineage table [B, W, L]
@@ -70,6 +73,29 @@ def _previous_tokens(sequences: jax.Array, step: jax.Array) -> jax.Array:
     return jnp.where(step == 0, BOS_ID, previous)
 
 
+def _block_repeated_ngrams(log_probs: jax.Array, sequences: jax.Array, step: jax.Array, n: int):
+    """Makes impossible every token that would repeat an n-gram of its hypothesis.
+
+    log_probs [B, W, V] for the token at position `step`; sequences [B, W, L]
+    hold each hypothesis's tokens at positions 0 .. step-1. A token t is banned
+    for a hypothesis when its last n-1 tokens followed by t already occur in it.
+    """
+    length = sequences.shape[-1]
+    if n < 1 or n > length:
+        return log_probs
+    context = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(step - (n - 1), 0), n - 1, axis=2)
+    starts = length - n + 1  # window j covers positions j .. j+n-1
+    matches = jnp.arange(starts) < step - (n - 1)  # the window lies before `step`
+    matches = jnp.broadcast_to(matches, sequences.shape[:2] + (starts,))
+    for i in range(n - 1):
+        matches &= sequences[:, :, i : i + starts] == context[:, :, i : i + 1]
+    followers = sequences[:, :, n - 1 :]  # [B, W, starts]: the token closing window j
+    rows = jnp.arange(sequences.shape[0])[:, None, None]
+    beams = jnp.arange(sequences.shape[1])[None, :, None]
+    banned = jnp.zeros(log_probs.shape, bool).at[rows, beams, followers].max(matches)
+    return jnp.where(banned, NEG_INF, log_probs)
+
+
 def best_extensions(
     alive_logp: jax.Array, log_probs: jax.Array, k: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,6 +125,7 @@ def beam_search(
     length: int,
     beam_size: int = 4,
     alpha: float = 0.6,
+    no_repeat_ngram: int = 0,
     early_stop: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The best hypothesis of each sentence under the length penalty.
@@ -106,7 +133,8 @@ def beam_search(
     max_lengths [B]: the most output tokens (EOS included) per sentence, each at
     most `length`, the static size of the outputs. Returns (tokens [B, length],
     ending with EOS and then PAD; scores [B], log P / lp; the number of steps
-    run). early_stop=False runs every sentence to its max length (for tests).
+    run). no_repeat_ngram n > 0: no hypothesis repeats an n-gram of tokens.
+    early_stop=False runs every sentence to its max length (for tests).
     """
     batch, width = max_lengths.shape[0], beam_size
     max_lengths = jnp.clip(max_lengths, 1, length)
@@ -118,6 +146,8 @@ def beam_search(
         log_probs, cache = step_fn(cache, tokens, step)
         log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
         log_probs = _only_eos_at_last(log_probs, step + 1 >= max_lengths)
+        if no_repeat_ngram:
+            log_probs = _block_repeated_ngrams(log_probs, state["alive"], step, no_repeat_ngram)
         # 2W candidates: even if W of them end in EOS, W remain to continue.
         scores, origin, token = best_extensions(state["alive_logp"], log_probs, 2 * width)
         sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
@@ -178,9 +208,12 @@ def beam_search(
 
 
 def greedy_search(
-    step_fn: StepFn, cache: Cache, max_lengths: jax.Array, *, length: int
+    step_fn: StepFn, cache: Cache, max_lengths: jax.Array, *, length: int, no_repeat_ngram: int = 0
 ) -> jax.Array:
-    """The most likely next token at every step until EOS: tokens [B, length], PAD after EOS."""
+    """The most likely next token at every step until EOS: tokens [B, length], PAD after EOS.
+
+    no_repeat_ngram n > 0: the most likely token that repeats no n-gram of the output.
+    """
     batch = max_lengths.shape[0]
     max_lengths = jnp.clip(max_lengths, 1, length)
 
@@ -188,7 +221,10 @@ def greedy_search(
         step, cache, out = state["step"], state["cache"], state["out"]
         tokens = _previous_tokens(out[:, None], step).reshape(batch, 1)
         log_probs, cache = step_fn(cache, tokens, step)
-        log_probs = _only_eos_at_last(log_probs[:, None], step + 1 >= max_lengths)[:, 0]
+        log_probs = _only_eos_at_last(log_probs[:, None], step + 1 >= max_lengths)
+        if no_repeat_ngram:
+            log_probs = _block_repeated_ngrams(log_probs, out[:, None], step, no_repeat_ngram)
+        log_probs = log_probs[:, 0]
         token = jnp.where(state["done"], PAD_ID, jnp.argmax(log_probs, axis=-1))
         out = jax.lax.dynamic_update_index_in_dim(out, token.astype(jnp.int32), step, axis=1)
         done = state["done"] | (token == EOS_ID)
@@ -285,30 +321,42 @@ def decode(
     beam_size: int = 4,
     alpha: float = 0.6,
     max_extra: int = 50,
+    no_repeat_ngram: int = 0,
 ) -> jax.Array:
     """inputs [B, S] source ids (EOS-terminated, PAD after) -> output ids [B, L].
 
     beam_size 1 decodes greedily. Rows of the output end with EOS, then PAD.
+    no_repeat_ngram n > 0: no output repeats an n-gram of subword pieces.
     """
     length = output_length(model.config, inputs.shape[1], max_extra)
     step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     max_lengths = max_output_lengths(inputs, max_extra, length)
     if beam_size == 1:
-        return greedy_search(step_fn, cache, max_lengths, length=length)
+        return greedy_search(
+            step_fn, cache, max_lengths, length=length, no_repeat_ngram=no_repeat_ngram
+        )
     tokens, _, _ = beam_search(
         step_fn, reorder_lineage, cache, max_lengths,
-        length=length, beam_size=beam_size, alpha=alpha,
+        length=length, beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram,
     )  # fmt: skip
     return tokens
 
 
 @functools.cache
-def _compiled(config: ModelConfig, beam_size: int, alpha: float, max_extra: int):
+def _compiled(
+    config: ModelConfig, beam_size: int, alpha: float, max_extra: int, no_repeat_ngram: int
+):
     model = Transformer(config)
     return jax.jit(
         lambda params, inputs: decode(
-            model, params, inputs, beam_size=beam_size, alpha=alpha, max_extra=max_extra
-        )
+            model,
+            params,
+            inputs,
+            beam_size=beam_size,
+            alpha=alpha,
+            max_extra=max_extra,
+            no_repeat_ngram=no_repeat_ngram,
+        )  # fmt: skip
     )
 
 
@@ -320,6 +368,8 @@ def translate(
     beam_size: int = 4,
     alpha: float = 0.6,
     max_extra: int = 50,
+    no_repeat_ngram: int = 0,
 ) -> jax.Array:
-    """`decode`, jitted once per (model config, beam, alpha, input shape)."""
-    return _compiled(model.config, beam_size, float(alpha), max_extra)(params, inputs)
+    """`decode`, jitted once per (model config, beam, alpha, n-gram block, input shape)."""
+    compiled = _compiled(model.config, beam_size, float(alpha), max_extra, no_repeat_ngram)
+    return compiled(params, inputs)

@@ -84,6 +84,7 @@ class Evaluator:
             self.vocab,
             beam_size=self.train.beam_size,
             alpha=self.train.length_penalty,
+            no_repeat_ngram=self.train.no_repeat_ngram,
             mesh=self.mesh,
         )
 

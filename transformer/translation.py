@@ -37,6 +37,7 @@ class Translator:
     vocab: Vocabulary
     beam_size: int = 4
     alpha: float = 0.6
+    no_repeat_ngram: int = 0  # > 0: no output repeats an n-gram of subword pieces
     tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
     mesh: Mesh | None = None
     on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
@@ -100,8 +101,9 @@ class Translator:
                 batch.shape, sharding.batch_sharding(self.mesh), lambda index: batch[index]
             )
         tokens = decoding.translate(
-            self.model, self.params, inputs, beam_size=self.beam_size, alpha=self.alpha
-        )
+            self.model, self.params, inputs, beam_size=self.beam_size, alpha=self.alpha,
+            no_repeat_ngram=self.no_repeat_ngram,
+        )  # fmt: skip
         if self.mesh is not None and jax.process_count() > 1:
             tokens = multihost_utils.process_allgather(tokens, tiled=True)
         return np.asarray(tokens)
