@@ -59,9 +59,7 @@ def translator(model: trained.Trained, **options) -> Translator:
     scores are reproduced by default). `options` go to Translator (e.g. tokens_per_batch)."""
     beam = model.train.beam_size if BEAM.value is None else BEAM.value
     alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
-    ngram = NO_REPEAT_NGRAM.value
-    if ngram is None:
-        ngram = model.train.no_repeat_ngram
+    ngram = model.train.no_repeat_ngram if NO_REPEAT_NGRAM.value is None else NO_REPEAT_NGRAM.value
     return Translator(
         model.model, model.params, model.vocab, beam_size=beam, alpha=alpha,
         no_repeat_ngram=ngram, **options,

@@ -81,7 +81,7 @@ def _block_repeated_ngrams(log_probs: jax.Array, sequences: jax.Array, step: jax
     for a hypothesis when its last n-1 tokens followed by t already occur in it.
     """
     length = sequences.shape[-1]
-    if n < 1 or n > length:
+    if n > length:  # no room for an n-gram, let alone two
         return log_probs
     context = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(step - (n - 1), 0), n - 1, axis=2)
     starts = length - n + 1  # window j covers positions j .. j+n-1
@@ -346,18 +346,8 @@ def decode(
 def _compiled(
     config: ModelConfig, beam_size: int, alpha: float, max_extra: int, no_repeat_ngram: int
 ):
-    model = Transformer(config)
-    return jax.jit(
-        lambda params, inputs: decode(
-            model,
-            params,
-            inputs,
-            beam_size=beam_size,
-            alpha=alpha,
-            max_extra=max_extra,
-            no_repeat_ngram=no_repeat_ngram,
-        )  # fmt: skip
-    )
+    search = dict(beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram)
+    return jax.jit(functools.partial(decode, Transformer(config), max_extra=max_extra, **search))
 
 
 def translate(
