@@ -113,7 +113,7 @@ def search(model, params, inputs, beam: int, steps: int, naive: bool):
     tokens, _, _ = decoding.beam_search(
         step_fn, reorder, cache, max_lengths, length=steps, beam_size=beam
     )
-    return tokens
+    return tokens[:, 0]
 
 
 def measure(model, params, batch: int, beam: int, naive: bool) -> dict:

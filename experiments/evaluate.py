@@ -110,6 +110,7 @@ def main(argv: list[str]) -> None:
         f"{name}: {len(sources)} sentences, {model.describe()}, "
         f"beam {translator.beam_size}, alpha {translator.alpha:g}"
         + (f", no repeated {ngram}-grams" if ngram else "")
+        + (f", MBR (chrF) over the {translator.mbr} best" if translator.mbr else "")
     )
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
     print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")

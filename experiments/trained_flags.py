@@ -28,6 +28,12 @@ NO_REPEAT_NGRAM = flags.DEFINE_integer(
     "Never repeat an n-gram of this many subword pieces within an output (0: off). "
     "Default: the workdir's --no_repeat_ngram.",
 )
+MBR = flags.DEFINE_integer(
+    "mbr",
+    None,
+    "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the highest "
+    "mean chrF against all N (0: off; N <= beam size). Default: the workdir's --mbr.",
+)
 
 
 def check() -> None:
@@ -46,6 +52,8 @@ def check() -> None:
         raise UserError(f"--alpha must be >= 0, got {ALPHA.value}")
     if NO_REPEAT_NGRAM.value is not None and NO_REPEAT_NGRAM.value < 0:
         raise UserError(f"--no_repeat_ngram must be >= 0, got {NO_REPEAT_NGRAM.value}")
+    if MBR.value is not None and (MBR.value < 0 or MBR.value == 1):
+        raise UserError(f"--mbr must be 0 (off) or at least 2, got {MBR.value}")
 
 
 def load() -> trained.Trained:
@@ -54,13 +62,19 @@ def load() -> trained.Trained:
 
 
 def translator(model: trained.Trained, **options) -> Translator:
-    """A Translator for the loaded model. Beam size, length penalty and n-gram blocking:
-    the flags where given, else those the workdir trained with (so that a workdir's final
-    scores are reproduced by default). `options` go to Translator (e.g. tokens_per_batch)."""
+    """A Translator for the loaded model. Beam size, length penalty, n-gram blocking and
+    MBR: the flags where given, else those the workdir trained with (so that a workdir's
+    final scores are reproduced by default). `options` go to Translator."""
     beam = model.train.beam_size if BEAM.value is None else BEAM.value
     alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
     ngram = model.train.no_repeat_ngram if NO_REPEAT_NGRAM.value is None else NO_REPEAT_NGRAM.value
+    mbr = model.train.mbr if MBR.value is None else MBR.value
+    if mbr > beam:
+        raise UserError(
+            f"--mbr={mbr} needs a beam of at least {mbr} (the beam is {beam}): "
+            "give --beam, or --mbr=0 for none"
+        )
     return Translator(
         model.model, model.params, model.vocab, beam_size=beam, alpha=alpha,
-        no_repeat_ngram=ngram, **options,
+        no_repeat_ngram=ngram, mbr=mbr, **options,
     )  # fmt: skip

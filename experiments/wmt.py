@@ -68,6 +68,8 @@ _HELP = {
     "length_penalty": "Length penalty alpha (the paper: 0.6).",
     "no_repeat_ngram": "Decoding never repeats an n-gram of this many subword pieces within "
     "an output (0: off, the paper's).",
+    "mbr": "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the "
+    "highest mean chrF against all N (0: off, the paper's; N <= beam size).",
     "checkpoint_every": "Steps between checkpoints (0: by time only).",
     "checkpoint_minutes": "Minutes between checkpoints (the paper: 10; 0: by steps only).",
     "keep_checkpoints": "Checkpoints kept (the paper averages the last 5 base / 20 big).",

@@ -52,6 +52,8 @@ def test_invalid_model_config_names_the_setting(changes, named):
         ({"grad_accum_steps": 0}, "grad_accum_steps"),
         ({"learning_rate_scale": 0.0}, "learning_rate_scale"),
         ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
+        ({"mbr": 1}, "from 2 to beam_size=4"),
+        ({"mbr": 5}, "from 2 to beam_size=4"),
     ],
 )
 def test_invalid_train_config_names_the_setting(changes, named):

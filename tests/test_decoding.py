@@ -46,10 +46,10 @@ def repeats_an_ngram(seq, n: int) -> bool:
     return len(grams) != len(set(grams))
 
 
-def brute_force(table, max_length, alpha, no_repeat=0):
-    """Every sequence ending in EOS of at most max_length tokens: the best by log P / lp
-    (among those that repeat no n-gram of no_repeat tokens, where no_repeat > 0)."""
-    best, best_score = None, -np.inf
+def ranked(table, max_length, alpha, no_repeat=0):
+    """Every sequence ending in EOS of at most max_length tokens (that repeats no n-gram
+    of no_repeat tokens, where no_repeat > 0), with its log P / lp, best first."""
+    scored = []
     for n in range(1, max_length + 1):
         for body in itertools.product([A, B], repeat=n - 1):
             seq = (*body, EOS_ID)
@@ -59,10 +59,13 @@ def brute_force(table, max_length, alpha, no_repeat=0):
             for token in seq:
                 logp += table[before, prev, token]
                 before, prev = prev, token
-            score = logp / ((5 + n) / 6) ** alpha
-            if score > best_score:
-                best, best_score = seq, score
-    return best, best_score
+            scored.append((seq, logp / ((5 + n) / 6) ** alpha))
+    return sorted(scored, key=lambda pair: -pair[1])
+
+
+def brute_force(table, max_length, alpha, no_repeat=0):
+    """The best sequence by log P / lp and its score (see `ranked`)."""
+    return ranked(table, max_length, alpha, no_repeat)[0]
 
 
 def greedy_by_hand(table, max_length, no_repeat=0):
@@ -82,10 +85,14 @@ def greedy_by_hand(table, max_length, no_repeat=0):
         before, prev = prev, token
 
 
-def run_beam(table, max_lengths, beam_size, alpha, length=8, early_stop=True, no_repeat=0):
+def run_beam(
+    table, max_lengths, beam_size, alpha, length=8, early_stop=True, no_repeat=0, n_best=None
+):
+    """beam_search on the table: tokens [B, L] and scores [B] of the best (n_best None),
+    else [B, n_best, L] and [B, n_best]; and the steps run."""
     max_lengths = jnp.asarray(max_lengths)
     step_fn, reorder, cache = markov_search(table, max_lengths.shape[0] * beam_size, length)
-    return decoding.beam_search(
+    tokens, scores, steps = decoding.beam_search(
         step_fn,
         reorder,
         cache,
@@ -94,8 +101,12 @@ def run_beam(table, max_lengths, beam_size, alpha, length=8, early_stop=True, no
         beam_size=beam_size,
         alpha=alpha,
         no_repeat_ngram=no_repeat,
+        n_best=n_best or 1,
         early_stop=early_stop,
     )
+    if n_best is None:
+        return tokens[:, 0], scores[:, 0], steps
+    return tokens, scores, steps
 
 
 def trimmed(row) -> tuple:
@@ -166,6 +177,38 @@ def test_early_stop_stops_early_and_changes_nothing():
         np.testing.assert_allclose(early[1], full[1])
         assert int(full[2]) == 8
         assert int(early[2]) < 8, seed
+
+
+@pytest.mark.parametrize("n_best", [3, 7])
+def test_n_best_is_the_exact_ranking_when_the_beam_holds_every_sequence(n_best):
+    # Outputs of at most 3 tokens over two ordinary tokens: 7 sequences, and never
+    # more than 8 candidates a step, so beam 8 sees and ends every one of them.
+    for seed in range(6):
+        table = markov_table(seed)
+        expected = ranked(table, 3, alpha=0.6)[:n_best]
+        tokens, scores, _ = run_beam(table, [3], beam_size=8, alpha=0.6, n_best=n_best)
+        assert [trimmed(row) for row in tokens[0]] == [seq for seq, _ in expected], seed
+        np.testing.assert_allclose(scores[0], [score for _, score in expected], rtol=1e-5)
+
+
+def test_n_best_starts_with_the_single_best_and_scores_each_hypothesis_truly():
+    for seed in range(6):
+        table = markov_table(seed, eos_bias=0.5)
+        best, best_score, _ = run_beam(table, [7, 5], beam_size=4, alpha=1.0)
+        tokens, scores, _ = run_beam(table, [7, 5], beam_size=4, alpha=1.0, n_best=4)
+        np.testing.assert_array_equal(tokens[:, 0], best)
+        np.testing.assert_allclose(scores[:, 0], best_score)
+        true_scores = dict(ranked(table, 7, alpha=1.0))
+        for rows, row_scores, limit in zip(tokens, scores, [7, 5], strict=True):
+            assert (np.diff(row_scores) <= 0).all()
+            hypotheses = [trimmed(row) for row in rows]
+            assert len(set(hypotheses)) == 4 and all(len(h) <= limit for h in hypotheses)
+            np.testing.assert_allclose(row_scores, [true_scores[h] for h in hypotheses], rtol=1e-5)
+
+
+def test_n_best_beyond_the_beam_is_refused():
+    with pytest.raises(ValueError, match="n_best must be in"):
+        run_beam(markov_table(0), [3], beam_size=2, alpha=0.6, n_best=3)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
@@ -299,7 +342,7 @@ def _beam_on_model(model, params, inputs, beam_size, alpha):
         beam_size=beam_size,
         alpha=alpha,
     )
-    return tokens
+    return tokens[:, 0]
 
 
 def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens):
@@ -318,6 +361,17 @@ def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens
         return (picked * mask).sum(1) / ((5 + lengths) / 6) ** 0.6
 
     assert (score(beam) >= score(greedy) - 1e-4).all()
+
+
+def test_the_first_of_the_n_best_is_the_translation(tiny_model, make_tokens):
+    model, params = tiny_model
+    inputs = sources(make_tokens)
+    one = decoding.translate(model, params, inputs, beam_size=4, alpha=0.6)
+    tokens, scores = decoding.translate(model, params, inputs, beam_size=4, alpha=0.6, n_best=4)
+    assert tokens.shape == (3, 4, one.shape[1]) and scores.shape == (3, 4)
+    np.testing.assert_array_equal(tokens[:, 0], one)
+    assert (np.diff(np.asarray(scores), axis=1) <= 0).all()
+    assert len({trimmed(row) for row in np.asarray(tokens[0])}) > 1  # distinct hypotheses
 
 
 def test_reordering_beams_moves_the_lineage_and_no_key_or_value(tiny_model):
@@ -373,7 +427,7 @@ def test_beam_search_through_the_lineage_equals_copying_the_cache(tiny_model, ma
         tokens, _, _ = decoding.beam_search(
             step_fn, reorder, cache, max_lengths, length=length, beam_size=width, alpha=0.6
         )
-        return np.asarray(tokens)
+        return np.asarray(tokens[:, 0])
 
     np.testing.assert_array_equal(ours, search(copy_everything))
     # Beams did change places: ignoring the reordering gives other translations.

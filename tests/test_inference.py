@@ -5,13 +5,16 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import sacrebleu
 from conftest import run_module
 
-from transformer import metrics, trained
+from transformer import decoding, metrics, trained
+from transformer.config import EOS_ID
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
+from transformer.translation import Translator, minimum_bayes_risk
 
 
 def _lines(data: bytes) -> list[str]:
@@ -80,14 +83,43 @@ def test_translate_keeps_input_order(trained_workdir):
 
 def test_translations_round_trip_through_the_vocabulary(trained_workdir):
     model = trained.load(str(trained_workdir))
-    from transformer.translation import Translator
-
     outputs = Translator(model.model, model.params, model.vocab).translate(
         ["Der Hund sieht das grüne Haus.", "Die Katze malt die Straße!"]
     )
     for text in outputs:
         assert text.strip()
         assert model.vocab.decode(model.vocab.encode(text)) == text
+
+
+def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
+    model = trained.load(str(trained_workdir))
+    texts = [
+        "Der Hund sieht das grüne Haus.",
+        "Die Katze malt die Straße!",
+        "Ein Bäcker kauft einen großen Aal.",
+        "Das Mädchen sucht die kaputte Tür.",
+        "Unsere Lehrerin malt die kaputte Tür!",
+        "Der alte Mann kauft die Straße.",
+    ]
+    plain = Translator(model.model, model.params, model.vocab, beam_size=4).translate(texts)
+    chosen = Translator(model.model, model.params, model.vocab, beam_size=4, mbr=4).translate(texts)
+    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
+    inputs = jnp.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids])
+    tokens, _ = decoding.translate(model.model, model.params, inputs, beam_size=4, n_best=4)
+    n_best = [[model.vocab.decode(row) for row in rows] for rows in np.asarray(tokens)]
+    assert [candidates[0] for candidates in n_best] == plain
+    assert all(out in candidates for out, candidates in zip(chosen, n_best, strict=True))
+    assert chosen != plain  # the consensus is not always the most likely
+
+
+def test_minimum_bayes_risk_picks_the_consensus_candidate():
+    agreed = "The weather is nice today."
+    candidates = ["Xylophones quarrel loudly.", "The weather is nice today!", agreed, agreed]
+    assert minimum_bayes_risk([*candidates, "The weather was nice today."]) == 2
+    assert minimum_bayes_risk([agreed]) == 0
+    assert minimum_bayes_risk(["Same.", "Same."]) == 0
+    with pytest.raises(ValueError, match="mbr must be 0"):
+        Translator(None, None, None, beam_size=4, mbr=5)
 
 
 def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
@@ -166,15 +198,15 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
     shutil.copytree(trained_workdir, workdir)
     cfg = json.loads((workdir / "config.json").read_text())
     assert (cfg["train"]["beam_size"], cfg["train"]["length_penalty"]) != (2, 1.5)
-    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3)
+    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3, mbr=2)
     (workdir / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "src.txt").write_text("Der Hund sieht das grüne Haus.\n")
     args = [f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'src.txt'}"]
     text = run_module("experiments.evaluate", f"--workdir={workdir}", *args).stdout.decode()
-    assert "beam 2, alpha 1.5, no repeated 3-grams\n" in text
+    assert "beam 2, alpha 1.5, no repeated 3-grams, MBR (chrF) over the 2 best\n" in text
     text = run_module(
         "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0",
-        "--no_repeat_ngram=0", *args,
+        "--no_repeat_ngram=0", "--mbr=0", *args,
     ).stdout.decode()  # fmt: skip
     assert "beam 1, alpha 0\n" in text
 
@@ -246,6 +278,8 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         (["--workdir=W", "--step=7"], "no checkpoint at step 7; it has steps 80, 160, 240"),
         (["--workdir=W", "--beam=0"], "--beam must be >= 1"),
         (["--workdir=W", "--no_repeat_ngram=-1"], "--no_repeat_ngram must be >= 0"),
+        (["--workdir=W", "--mbr=1"], "--mbr must be 0 (off) or at least 2, got 1"),
+        (["--workdir=W", "--beam=2", "--mbr=3"], "--mbr=3 needs a beam of at least 3"),
         (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
         (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
     ],

@@ -250,6 +250,7 @@ class TrainConfig:
     beam_size: int = 4
     length_penalty: float = 0.6
     no_repeat_ngram: int = 0  # > 0: decoding never repeats an n-gram of pieces (paper: off)
+    mbr: int = 0  # > 1: of the beam's N best outputs, the highest mean chrF (paper: off)
     checkpoint_every: int = 1000  # steps (0: only by time and at the end)
     checkpoint_minutes: float = 10.0  # the paper's interval (0: only by steps)
     keep_checkpoints: int = 5  # the paper averages the last 5 (base) or 20 (big)
@@ -271,6 +272,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.mbr and not 2 <= self.mbr <= self.beam_size:
+            raise ConfigError(
+                f"mbr must be 0 (off) or from 2 to beam_size={self.beam_size}, got {self.mbr!r}"
+            )
         for name in ("train_minutes", "checkpoint_minutes", "grad_clip_norm", "length_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

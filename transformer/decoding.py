@@ -18,11 +18,14 @@ What the paper's decoder needs, and how it is done here:
 - Early stop: log-probabilities only fall as a hypothesis grows and lp grows
   with length, so a live beam can reach at best log P / lp(its max length).
   A sentence is done once that bound of its best live beam is no better than
-  its best finished hypothesis, or once W hypotheses have ended (a full beam);
-  the loop ends when every sentence is done.
+  its best finished hypothesis (the n-th best, when n are asked for), or once W
+  hypotheses have ended (a full beam); the loop ends when every sentence is done.
 - Not in the paper, off by default: no_repeat_ngram = n > 0 bans every token
   that would repeat an n-gram of subword pieces within a hypothesis, which
   stops a half-trained model's loops ("by by by by") at a high length penalty.
+- Not in the paper: `decode_n_best` returns the n best finished hypotheses of
+  each sentence with their scores, for minimum Bayes risk selection
+  (transformer/translation.py).
 - The cache: the decoder's self-attention keys/values grow by one position per
   step, each written into the row of the hypothesis that computed it, and are
   never copied: when beams change places, only a small lineage table [B, W, L]
@@ -126,16 +129,20 @@ def beam_search(
     beam_size: int = 4,
     alpha: float = 0.6,
     no_repeat_ngram: int = 0,
+    n_best: int = 1,
     early_stop: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The best hypothesis of each sentence under the length penalty.
+    """The n_best best hypotheses of each sentence under the length penalty.
 
     max_lengths [B]: the most output tokens (EOS included) per sentence, each at
-    most `length`, the static size of the outputs. Returns (tokens [B, length],
-    ending with EOS and then PAD; scores [B], log P / lp; the number of steps
-    run). no_repeat_ngram n > 0: no hypothesis repeats an n-gram of tokens.
-    early_stop=False runs every sentence to its max length (for tests).
+    most `length`, the static size of the outputs. Returns (tokens [B, n_best,
+    length], best first, each ending with EOS and then PAD; scores [B, n_best],
+    log P / lp, NEG_INF where fewer hypotheses ended; the number of steps run).
+    n_best is at most beam_size. no_repeat_ngram n > 0: no hypothesis repeats an
+    n-gram of tokens. early_stop=False runs every sentence to its max length.
     """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
     batch, width = max_lengths.shape[0], beam_size
     max_lengths = jnp.clip(max_lengths, 1, length)
     best_possible_lp = length_penalty(max_lengths, alpha)  # [B]
@@ -159,15 +166,10 @@ def beam_search(
         possible = scores > NEG_INF / 2  # not an extension of a dead beam
         ended = (token == EOS_ID) & in_beam & possible & ~state["done"][:, None]
         final = jnp.where(ended, scores / length_penalty(step + 1, alpha), NEG_INF)
-        best = jnp.argmax(final, axis=1)  # [B]
-        best_final = jnp.take_along_axis(final, best[:, None], axis=1)[:, 0]
-        improves = best_final > state["score"]
-        finished = jnp.where(
-            improves[:, None],
-            jnp.take_along_axis(sequences, best[:, None, None], axis=1)[:, 0],
-            state["finished"],
-        )
-        score = jnp.where(improves, best_final, state["score"])
+        # The n_best best of those kept and those just ended; on ties, the older.
+        score, pick = jax.lax.top_k(jnp.concatenate([state["score"], final], axis=1), n_best)
+        pool = jnp.concatenate([state["finished"], sequences], axis=1)
+        finished = jnp.take_along_axis(pool, pick[:, :, None], axis=1)
         count = state["count"] + jnp.sum(ended, axis=1)
 
         live_scores, keep = jax.lax.top_k(jnp.where(token == EOS_ID, NEG_INF, scores), width)
@@ -176,7 +178,7 @@ def beam_search(
         rows = (jnp.arange(batch)[:, None] * width + parents).reshape(-1)
         cache = reorder_fn(cache, rows)
         live_bound = live_scores[:, 0] / best_possible_lp
-        hopeless = ((score >= live_bound) | (count >= width)) if early_stop else False
+        hopeless = ((score[:, -1] >= live_bound) | (count >= width)) if early_stop else False
         done = state["done"] | hopeless | (step + 1 >= max_lengths)
         return dict(
             step=step + 1,
@@ -198,8 +200,8 @@ def beam_search(
         cache=cache,
         alive=jnp.zeros((batch, width, length), jnp.int32),
         alive_logp=jnp.broadcast_to(first_beam_only, (batch, width)),
-        finished=jnp.zeros((batch, length), jnp.int32),
-        score=jnp.full((batch,), NEG_INF, jnp.float32),
+        finished=jnp.zeros((batch, n_best, length), jnp.int32),
+        score=jnp.full((batch, n_best), NEG_INF, jnp.float32),
         count=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool),
     )
@@ -328,26 +330,58 @@ def decode(
     beam_size 1 decodes greedily. Rows of the output end with EOS, then PAD.
     no_repeat_ngram n > 0: no output repeats an n-gram of subword pieces.
     """
-    length = output_length(model.config, inputs.shape[1], max_extra)
-    step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
-    max_lengths = max_output_lengths(inputs, max_extra, length)
     if beam_size == 1:
+        length = output_length(model.config, inputs.shape[1], max_extra)
+        step_fn, cache = model_step(model, params, inputs, inputs.shape[0], length)
+        max_lengths = max_output_lengths(inputs, max_extra, length)
         return greedy_search(
             step_fn, cache, max_lengths, length=length, no_repeat_ngram=no_repeat_ngram
         )
-    tokens, _, _ = beam_search(
-        step_fn, reorder_lineage, cache, max_lengths,
-        length=length, beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram,
+    tokens, _ = decode_n_best(
+        model, params, inputs, beam_size=beam_size, alpha=alpha, max_extra=max_extra,
+        no_repeat_ngram=no_repeat_ngram, n_best=1,
     )  # fmt: skip
-    return tokens
+    return tokens[:, 0]
+
+
+def decode_n_best(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    *,
+    n_best: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_extra: int = 50,
+    no_repeat_ngram: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search's n_best (<= beam_size) best outputs of each source, best first:
+    tokens [B, n_best, L] and their scores log P / lp [B, n_best] (NEG_INF where
+    fewer hypotheses ended)."""
+    length = output_length(model.config, inputs.shape[1], max_extra)
+    step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
+    max_lengths = max_output_lengths(inputs, max_extra, length)
+    tokens, scores, _ = beam_search(
+        step_fn, reorder_lineage, cache, max_lengths, length=length, beam_size=beam_size,
+        alpha=alpha, no_repeat_ngram=no_repeat_ngram, n_best=n_best,
+    )  # fmt: skip
+    return tokens, scores
 
 
 @functools.cache
 def _compiled(
-    config: ModelConfig, beam_size: int, alpha: float, max_extra: int, no_repeat_ngram: int
+    config: ModelConfig,
+    beam_size: int,
+    alpha: float,
+    max_extra: int,
+    no_repeat_ngram: int,
+    n_best: int,
 ):
     search = dict(beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram)
-    return jax.jit(functools.partial(decode, Transformer(config), max_extra=max_extra, **search))
+    if n_best:
+        search["n_best"] = n_best
+    function = decode_n_best if n_best else decode
+    return jax.jit(functools.partial(function, Transformer(config), max_extra=max_extra, **search))
 
 
 def translate(
@@ -359,7 +393,9 @@ def translate(
     alpha: float = 0.6,
     max_extra: int = 50,
     no_repeat_ngram: int = 0,
-) -> jax.Array:
-    """`decode`, jitted once per (model config, beam, alpha, n-gram block, input shape)."""
-    compiled = _compiled(model.config, beam_size, float(alpha), max_extra, no_repeat_ngram)
+    n_best: int = 0,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`decode` (n_best 0) or `decode_n_best`, jitted once per (model config, beam,
+    alpha, n-gram block, n_best, input shape)."""
+    compiled = _compiled(model.config, beam_size, float(alpha), max_extra, no_repeat_ngram, n_best)
     return compiled(params, inputs)

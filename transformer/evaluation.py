@@ -85,6 +85,7 @@ class Evaluator:
             beam_size=self.train.beam_size,
             alpha=self.train.length_penalty,
             no_repeat_ngram=self.train.no_repeat_ngram,
+            mbr=self.train.mbr,
             mesh=self.mesh,
         )
 
