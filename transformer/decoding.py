@@ -378,9 +378,7 @@ def _compiled(
     n_best: int,
 ):
     search = dict(beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram)
-    if n_best:
-        search["n_best"] = n_best
-    function = decode_n_best if n_best else decode
+    function = functools.partial(decode_n_best, n_best=n_best) if n_best else decode
     return jax.jit(functools.partial(function, Transformer(config), max_extra=max_extra, **search))
 
 
