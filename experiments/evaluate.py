@@ -111,6 +111,11 @@ def main(argv: list[str]) -> None:
         f"beam {translator.beam_size}, alpha {translator.alpha:g}"
         + (f", no repeated {ngram}-grams" if ngram else "")
         + (f", MBR (chrF) over the {translator.mbr} best" if translator.mbr else "")
+        + (
+            f" against {translator.mbr_samples} samples (epsilon {translator.mbr_epsilon:g})"
+            if translator.mbr and translator.mbr_samples
+            else ""
+        )
     )
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
     print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")

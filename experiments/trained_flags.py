@@ -34,6 +34,13 @@ MBR = flags.DEFINE_integer(
     "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the highest "
     "mean chrF against all N (0: off; N <= beam size). Default: the workdir's --mbr.",
 )
+MBR_SAMPLES = flags.DEFINE_integer(
+    "mbr_samples",
+    None,
+    "With --mbr: the mean chrF is against this many outputs sampled from the model "
+    "(epsilon sampling) instead of against the N best (0: the N best). "
+    "Default: the workdir's --mbr_samples.",
+)
 
 
 def check() -> None:
@@ -54,6 +61,8 @@ def check() -> None:
         raise UserError(f"--no_repeat_ngram must be >= 0, got {NO_REPEAT_NGRAM.value}")
     if MBR.value is not None and (MBR.value < 0 or MBR.value == 1):
         raise UserError(f"--mbr must be 0 (off) or at least 2, got {MBR.value}")
+    if MBR_SAMPLES.value is not None and MBR_SAMPLES.value < 0:
+        raise UserError(f"--mbr_samples must be >= 0, got {MBR_SAMPLES.value}")
 
 
 def load() -> trained.Trained:
@@ -63,8 +72,9 @@ def load() -> trained.Trained:
 
 def translator(model: trained.Trained, **options) -> Translator:
     """A Translator for the loaded model. Beam size, length penalty, n-gram blocking and
-    MBR: the flags where given, else those the workdir trained with (so that a workdir's
-    final scores are reproduced by default). `options` go to Translator."""
+    MBR (with its samples): the flags where given, else those the workdir trained with
+    (so that a workdir's final scores are reproduced by default). `options` go to
+    Translator."""
     beam = model.train.beam_size if BEAM.value is None else BEAM.value
     alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
     ngram = model.train.no_repeat_ngram if NO_REPEAT_NGRAM.value is None else NO_REPEAT_NGRAM.value
@@ -74,7 +84,14 @@ def translator(model: trained.Trained, **options) -> Translator:
             f"--mbr={mbr} needs a beam of at least {mbr} (the beam is {beam}): "
             "give --beam, or --mbr=0 for none"
         )
+    samples = model.train.mbr_samples if MBR_SAMPLES.value is None else MBR_SAMPLES.value
+    if samples and not mbr:
+        if MBR_SAMPLES.value is None:
+            samples = 0  # --mbr=0 turns the workdir's MBR off, samples and all
+        else:
+            raise UserError(f"--mbr_samples={samples} needs --mbr of at least 2 (MBR is off)")
     return Translator(
         model.model, model.params, model.vocab, beam_size=beam, alpha=alpha,
-        no_repeat_ngram=ngram, mbr=mbr, **options,
+        no_repeat_ngram=ngram, mbr=mbr, mbr_samples=samples,
+        mbr_epsilon=model.train.mbr_epsilon, **options,
     )  # fmt: skip

@@ -70,6 +70,10 @@ _HELP = {
     "an output (0: off, the paper's).",
     "mbr": "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the "
     "highest mean chrF against all N (0: off, the paper's; N <= beam size).",
+    "mbr_samples": "With --mbr: the mean chrF is against this many outputs sampled from the "
+    "model (epsilon sampling) instead of against the N best (0: the N best).",
+    "mbr_epsilon": "Epsilon of the --mbr_samples: each sampled token has at least this "
+    "probability (0: any token).",
     "checkpoint_every": "Steps between checkpoints (0: by time only).",
     "checkpoint_minutes": "Minutes between checkpoints (the paper: 10; 0: by steps only).",
     "keep_checkpoints": "Checkpoints kept (the paper averages the last 5 base / 20 big).",

@@ -54,6 +54,9 @@ def test_invalid_model_config_names_the_setting(changes, named):
         ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
         ({"mbr": 1}, "from 2 to beam_size=4"),
         ({"mbr": 5}, "from 2 to beam_size=4"),
+        ({"mbr_samples": 4}, "mbr_samples needs mbr >= 2"),
+        ({"mbr": 2, "mbr_samples": -1}, "mbr_samples must be an integer >= 0"),
+        ({"mbr_epsilon": 1.0}, r"mbr_epsilon must be in \[0, 1\)"),
     ],
 )
 def test_invalid_train_config_names_the_setting(changes, named):

@@ -266,6 +266,48 @@ def test_greedy_with_no_repeat_ngram_takes_the_best_token_that_repeats_none(n):
     assert changed >= 2
 
 
+def sampling_distribution(table, max_length):
+    """{sequence: probability} of drawing each output from the table, EOS forced at max_length."""
+    exact = {}
+    for n in range(max_length):
+        for body in itertools.product([A, B], repeat=n):
+            p, before, prev = 1.0, BOS_ID, BOS_ID
+            for token in body:
+                p *= np.exp(table[before, prev, token])
+                before, prev = prev, token
+            if n < max_length - 1:  # at the last position only EOS may follow
+                p *= np.exp(table[before, prev, EOS_ID])
+            exact[(*body, EOS_ID)] = p
+    return exact
+
+
+def test_sampling_draws_each_sequence_with_its_probability():
+    table, max_length, rows = markov_table(5, eos_bias=0.5), 4, 20000
+    step_fn, _, cache = markov_search(table, rows, max_length)
+    tokens = decoding.sample_search(
+        step_fn, cache, jnp.full((rows,), max_length), jax.random.key(0), length=max_length,
+        epsilon=0.0,
+    )  # fmt: skip
+    drawn = [trimmed(row) for row in np.asarray(tokens)]
+    exact = sampling_distribution(table, max_length)
+    assert set(drawn) <= set(exact) and sum(exact.values()) == pytest.approx(1.0)
+    for sequence, p in exact.items():
+        assert drawn.count(sequence) / rows == pytest.approx(p, abs=0.015), sequence
+
+
+def test_epsilon_sampling_draws_only_tokens_of_probability_at_least_epsilon():
+    probs = np.array([0.04, 0.5, 0.3, 0.15, 0.01])
+    log_probs = jnp.log(jnp.tile(probs, (20000, 1)))
+    tokens = np.asarray(decoding.epsilon_sample(log_probs, jax.random.key(1), epsilon=0.05))
+    frequency = np.bincount(tokens, minlength=5) / len(tokens)
+    np.testing.assert_allclose(frequency, [0, 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.015)
+    # No token reaches epsilon: the most likely one is drawn.
+    flat = jnp.log(jnp.asarray([[0.01] * 50 + [0.02] + [0.48 / 49] * 49]))
+    assert int(decoding.epsilon_sample(flat, jax.random.key(2), epsilon=0.05)[0]) == 50
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        decoding.epsilon_sample(log_probs, jax.random.key(1), epsilon=1.0)
+
+
 # ----------------------------------------------------------------------------
 # The Transformer
 # ----------------------------------------------------------------------------
@@ -459,3 +501,23 @@ def test_best_extensions_equal_one_top_k_over_all_candidates():
     flat_scores, flat = jax.lax.top_k((alive[:, :, None] + log_probs[..., :3]).reshape(b, -1), k)
     np.testing.assert_array_equal(scores, flat_scores)
     np.testing.assert_array_equal(token, flat % 3)
+
+
+def test_samples_at_a_high_epsilon_are_the_greedy_output(tiny_model, make_tokens):
+    model, params = tiny_model
+    inputs = sources(make_tokens)
+    greedy = np.asarray(decoding.decode(model, params, inputs, beam_size=1))
+    samples = decoding.sample(
+        model, params, inputs, jax.random.key(0), num_samples=3, epsilon=0.99
+    )  # only the most likely token reaches 0.99
+    assert samples.shape == (3, 3, greedy.shape[1])
+    for row, drawn in zip(greedy, np.asarray(samples), strict=True):
+        assert all(trimmed(sample) == trimmed(row) for sample in drawn)
+    varied = np.asarray(
+        decoding.sample(model, params, inputs, jax.random.key(0), num_samples=4, epsilon=0.0)
+    )
+    for drawn in varied.reshape(12, -1):  # each ends with EOS, then PAD
+        assert set(drawn[len(trimmed(drawn)) :]) <= {PAD_ID}
+    assert len({trimmed(sample) for sample in varied[0]}) > 1  # an untrained model: diverse
+    again = decoding.sample(model, params, inputs, jax.random.key(0), num_samples=4, epsilon=0.0)
+    np.testing.assert_array_equal(varied, again)

@@ -110,6 +110,14 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
     assert [candidates[0] for candidates in n_best] == plain
     assert all(out in candidates for out, candidates in zip(chosen, n_best, strict=True))
     assert chosen != plain  # the consensus is not always the most likely
+    sampled = Translator(
+        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6
+    ).translate(texts)
+    assert all(out in candidates for out, candidates in zip(sampled, n_best, strict=True))
+    again = Translator(
+        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6
+    ).translate(texts)
+    assert again == sampled  # the draws are fixed by the seed
 
 
 def test_minimum_bayes_risk_picks_the_consensus_candidate():
@@ -118,8 +126,15 @@ def test_minimum_bayes_risk_picks_the_consensus_candidate():
     assert minimum_bayes_risk([*candidates, "The weather was nice today."]) == 2
     assert minimum_bayes_risk([agreed]) == 0
     assert minimum_bayes_risk(["Same.", "Same."]) == 0
+    # Judged against other references (samples), another candidate wins.
+    samples = ["Xylophones quarrel loudly!", "Xylophones quarrel loud.", agreed]
+    assert minimum_bayes_risk(candidates, samples) == 0
     with pytest.raises(ValueError, match="mbr must be 0"):
         Translator(None, None, None, beam_size=4, mbr=5)
+    with pytest.raises(ValueError, match="mbr_samples must be 0, or > 0 with mbr"):
+        Translator(None, None, None, beam_size=4, mbr_samples=8)
+    with pytest.raises(ValueError, match="mbr_epsilon must be in"):
+        Translator(None, None, None, beam_size=4, mbr=2, mbr_samples=8, mbr_epsilon=1.0)
 
 
 def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
@@ -198,12 +213,15 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
     shutil.copytree(trained_workdir, workdir)
     cfg = json.loads((workdir / "config.json").read_text())
     assert (cfg["train"]["beam_size"], cfg["train"]["length_penalty"]) != (2, 1.5)
-    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3, mbr=2)
+    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3, mbr=2, mbr_samples=3)
     (workdir / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "src.txt").write_text("Der Hund sieht das grüne Haus.\n")
     args = [f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'src.txt'}"]
     text = run_module("experiments.evaluate", f"--workdir={workdir}", *args).stdout.decode()
-    assert "beam 2, alpha 1.5, no repeated 3-grams, MBR (chrF) over the 2 best\n" in text
+    assert (
+        "beam 2, alpha 1.5, no repeated 3-grams, MBR (chrF) over the 2 best against 3 samples "
+        "(epsilon 0.02)\n"
+    ) in text
     text = run_module(
         "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0",
         "--no_repeat_ngram=0", "--mbr=0", *args,
@@ -280,6 +298,8 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         (["--workdir=W", "--no_repeat_ngram=-1"], "--no_repeat_ngram must be >= 0"),
         (["--workdir=W", "--mbr=1"], "--mbr must be 0 (off) or at least 2, got 1"),
         (["--workdir=W", "--beam=2", "--mbr=3"], "--mbr=3 needs a beam of at least 3"),
+        (["--workdir=W", "--mbr_samples=-1"], "--mbr_samples must be >= 0, got -1"),
+        (["--workdir=W", "--mbr_samples=4"], "--mbr_samples=4 needs --mbr of at least 2"),
         (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
         (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
     ],

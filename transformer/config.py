@@ -251,6 +251,8 @@ class TrainConfig:
     length_penalty: float = 0.6
     no_repeat_ngram: int = 0  # > 0: decoding never repeats an n-gram of pieces (paper: off)
     mbr: int = 0  # > 1: of the beam's N best outputs, the highest mean chrF (paper: off)
+    mbr_samples: int = 0  # > 0: ... against this many epsilon-sampled outputs, not the N
+    mbr_epsilon: float = 0.02  # sampled tokens have at least this probability
     checkpoint_every: int = 1000  # steps (0: only by time and at the end)
     checkpoint_minutes: float = 10.0  # the paper's interval (0: only by steps)
     keep_checkpoints: int = 5  # the paper averages the last 5 (base) or 20 (big)
@@ -276,6 +278,15 @@ class TrainConfig:
             raise ConfigError(
                 f"mbr must be 0 (off) or from 2 to beam_size={self.beam_size}, got {self.mbr!r}"
             )
+        if not isinstance(self.mbr_samples, int) or self.mbr_samples < 0:
+            raise ConfigError(f"mbr_samples must be an integer >= 0, got {self.mbr_samples!r}")
+        if self.mbr_samples and not self.mbr:
+            raise ConfigError(
+                "mbr_samples needs mbr >= 2 (the samples judge the beam's N best): "
+                "set mbr, or mbr_samples=0"
+            )
+        if not 0.0 <= self.mbr_epsilon < 1.0:
+            raise ConfigError(f"mbr_epsilon must be in [0, 1), got {self.mbr_epsilon!r}")
         for name in ("train_minutes", "checkpoint_minutes", "grad_clip_norm", "length_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

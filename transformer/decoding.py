@@ -24,7 +24,8 @@ What the paper's decoder needs, and how it is done here:
   that would repeat an n-gram of subword pieces within a hypothesis, which
   stops a half-trained model's loops ("by by by by") at a high length penalty.
 - Not in the paper: `decode_n_best` returns the n best finished hypotheses of
-  each sentence with their scores, for minimum Bayes risk selection
+  each sentence with their scores, and `decode_samples` outputs drawn from the
+  model by epsilon sampling, for minimum Bayes risk selection
   (transformer/translation.py).
 - The cache: the decoder's self-attention keys/values grow by one position per
   step, each written into the row of the hypothesis that computed it, and are
@@ -41,6 +42,7 @@ Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -216,18 +218,72 @@ def greedy_search(
 
     no_repeat_ngram n > 0: the most likely token that repeats no n-gram of the output.
     """
-    batch = max_lengths.shape[0]
+    most_likely = lambda log_probs, key: jnp.argmax(log_probs, axis=-1)  # noqa: E731
+    return _one_token_at_a_time(
+        step_fn, cache, max_lengths, most_likely, None, length=length,
+        no_repeat_ngram=no_repeat_ngram,
+    )  # fmt: skip
+
+
+def sample_search(
+    step_fn: StepFn,
+    cache: Cache,
+    max_lengths: jax.Array,
+    key: jax.Array,
+    *,
+    length: int,
+    epsilon: float = 0.02,
+) -> jax.Array:
+    """Every row an output drawn from the model, token by token: tokens [R, length].
+
+    Epsilon sampling (Hewitt et al., 2022): a token is drawn among those of
+    probability at least epsilon (the most likely one always among them), in
+    proportion to their probabilities; epsilon 0 draws from the whole vocabulary.
+    """
+    choose = functools.partial(epsilon_sample, epsilon=epsilon)
+    return _one_token_at_a_time(step_fn, cache, max_lengths, choose, key, length=length)
+
+
+def epsilon_sample(log_probs: jax.Array, key: jax.Array, *, epsilon: float) -> jax.Array:
+    """log_probs [R, V] -> one token per row, among those of probability >= epsilon.
+
+    At most 1/epsilon tokens can have that probability, so the draw is among the
+    top ceil(1/epsilon) + 1 only (the + 1 for float rounding): random numbers for
+    ~50 tokens a row instead of the whole vocabulary.
+    """
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    vocab = log_probs.shape[-1]
+    k = vocab if epsilon == 0 else min(vocab, math.ceil(1.0 / epsilon) + 1)
+    top, tokens = jax.lax.top_k(log_probs, k)
+    keep = (top >= math.log(epsilon) if epsilon else True) | (jnp.arange(k) == 0)
+    choice = jax.random.categorical(key, jnp.where(keep, top, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(tokens, choice[:, None], axis=1)[:, 0]
+
+
+def _one_token_at_a_time(
+    step_fn: StepFn,
+    cache: Cache,
+    max_lengths: jax.Array,
+    choose: Callable[[jax.Array, jax.Array | None], jax.Array],
+    key: jax.Array | None,
+    *,
+    length: int,
+    no_repeat_ngram: int = 0,
+) -> jax.Array:
+    """One hypothesis per row, extended by choose(log_probs [R, V], key) until EOS."""
+    rows = max_lengths.shape[0]
     max_lengths = jnp.clip(max_lengths, 1, length)
 
     def body(state):
         step, cache, out = state["step"], state["cache"], state["out"]
-        tokens = _previous_tokens(out[:, None], step).reshape(batch, 1)
+        tokens = _previous_tokens(out[:, None], step).reshape(rows, 1)
         log_probs, cache = step_fn(cache, tokens, step)
         log_probs = _only_eos_at_last(log_probs[:, None], step + 1 >= max_lengths)
         if no_repeat_ngram:
             log_probs = _block_repeated_ngrams(log_probs, out[:, None], step, no_repeat_ngram)
-        log_probs = log_probs[:, 0]
-        token = jnp.where(state["done"], PAD_ID, jnp.argmax(log_probs, axis=-1))
+        step_key = None if key is None else jax.random.fold_in(key, step)
+        token = jnp.where(state["done"], PAD_ID, choose(log_probs[:, 0], step_key))
         out = jax.lax.dynamic_update_index_in_dim(out, token.astype(jnp.int32), step, axis=1)
         done = state["done"] | (token == EOS_ID)
         return dict(step=step + 1, cache=cache, out=out, done=done)
@@ -238,8 +294,8 @@ def greedy_search(
     state = dict(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
-        out=jnp.zeros((batch, length), jnp.int32),
-        done=jnp.zeros((batch,), bool),
+        out=jnp.zeros((rows, length), jnp.int32),
+        done=jnp.zeros((rows,), bool),
     )
     return jax.lax.while_loop(cond, body, state)["out"]
 
@@ -366,6 +422,53 @@ def decode_n_best(
         alpha=alpha, no_repeat_ngram=no_repeat_ngram, n_best=n_best,
     )  # fmt: skip
     return tokens, scores
+
+
+def decode_samples(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    key: jax.Array,
+    *,
+    num_samples: int,
+    epsilon: float = 0.02,
+    max_extra: int = 50,
+) -> jax.Array:
+    """num_samples outputs of each source drawn by epsilon sampling: tokens [B, N, L].
+
+    Each ends with EOS, then PAD. The source is repeated N times, so that every
+    sample is decoded as a sentence of its own (a beam of one): unlike beams,
+    samples never share a history, and reading the keys of N rows through a
+    lineage table would cost N times the self-attention for nothing.
+    """
+    batch = inputs.shape[0]
+    inputs = jnp.repeat(inputs, num_samples, axis=0)
+    length = output_length(model.config, inputs.shape[1], max_extra)
+    step_fn, cache = model_step(model, params, inputs, batch * num_samples, length)
+    max_lengths = max_output_lengths(inputs, max_extra, length)
+    tokens = sample_search(step_fn, cache, max_lengths, key, length=length, epsilon=epsilon)
+    return tokens.reshape(batch, num_samples, length)
+
+
+@functools.cache
+def _compiled_sampler(config: ModelConfig, num_samples: int, epsilon: float, max_extra: int):
+    options = dict(num_samples=num_samples, epsilon=epsilon, max_extra=max_extra)
+    return jax.jit(functools.partial(decode_samples, Transformer(config), **options))
+
+
+def sample(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    key: jax.Array,
+    *,
+    num_samples: int,
+    epsilon: float = 0.02,
+    max_extra: int = 50,
+) -> jax.Array:
+    """`decode_samples`, jitted once per (model config, N, epsilon, input shape)."""
+    compiled = _compiled_sampler(model.config, num_samples, float(epsilon), max_extra)
+    return compiled(params, inputs, key)
 
 
 @functools.cache

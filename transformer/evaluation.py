@@ -86,6 +86,8 @@ class Evaluator:
             alpha=self.train.length_penalty,
             no_repeat_ngram=self.train.no_repeat_ngram,
             mbr=self.train.mbr,
+            mbr_samples=self.train.mbr_samples,
+            mbr_epsilon=self.train.mbr_epsilon,
             mesh=self.mesh,
         )
 

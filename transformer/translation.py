@@ -11,6 +11,10 @@ With `mbr=N` (not in the paper) each source's translation is chosen among the
 beam's N best outputs by minimum Bayes risk (Kumar & Byrne, 2004): the one with
 the highest mean chrF against all N, each standing in for a reference, so the
 consensus of the list wins over an outlier that happens to score highest.
+With `mbr_samples=M` as well, the stand-in references are M outputs drawn from
+the model by epsilon sampling (Freitag et al., 2023) instead: the mean over
+them estimates a candidate's expected chrF under the model, which the beam's
+N best, all near its mode, estimate with a bias. The draws are fixed by `seed`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class Translator:
     alpha: float = 0.6
     no_repeat_ngram: int = 0  # > 0: no output repeats an n-gram of subword pieces
     mbr: int = 0  # > 1: the beam's mbr best outputs, the one of highest expected chrF
+    mbr_samples: int = 0  # > 0: expected chrF against this many sampled outputs
+    mbr_epsilon: float = 0.02  # the samples' tokens have at least this probability
+    seed: int = 0  # of the samples
     tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
     mesh: Mesh | None = None
     on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
@@ -54,6 +61,10 @@ class Translator:
             raise ValueError(
                 f"mbr must be 0 (off) or from 2 to beam_size={self.beam_size}, got {self.mbr}"
             )
+        if self.mbr_samples < 0 or (self.mbr_samples and not self.mbr):
+            raise ValueError(f"mbr_samples must be 0, or > 0 with mbr, got {self.mbr_samples}")
+        if not 0.0 <= self.mbr_epsilon < 1.0:
+            raise ValueError(f"mbr_epsilon must be in [0, 1), got {self.mbr_epsilon}")
 
     @property
     def max_source_tokens(self) -> int:
@@ -83,16 +94,23 @@ class Translator:
             for t in texts
         ]
         out = [""] * len(texts)
-        for batch_indices, batch in self._batches(ids):
+        for number, (batch_indices, batch) in enumerate(self._batches(ids)):
             if not self.mbr:
                 for i, row in zip(batch_indices, self._decode(batch), strict=False):
                     out[i] = self.vocab.decode(row)
                 continue
             tokens, scores = self._decode(batch)
-            for i, rows, row_scores in zip(batch_indices, tokens, scores, strict=False):
+            samples = self._sample(batch, number) if self.mbr_samples else tokens
+            for i, rows, row_scores, drawn in zip(
+                batch_indices, tokens, scores, samples, strict=False
+            ):
                 ended = row_scores > decoding.NEG_INF / 2
                 candidates = [self.vocab.decode(r) for r in rows[ended]]
-                out[i] = candidates[minimum_bayes_risk(candidates)]
+                if self.mbr_samples:
+                    references = [self.vocab.decode(r) for r in drawn]
+                else:
+                    references = candidates
+                out[i] = candidates[minimum_bayes_risk(candidates, references)]
         return out
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -112,17 +130,34 @@ class Translator:
             yield chosen, batch
             start += len(chosen)
 
-    def _decode(self, batch: np.ndarray) -> np.ndarray:
+    def _decode(self, batch: np.ndarray) -> Any:
+        search = dict(
+            beam_size=self.beam_size,
+            alpha=self.alpha,
+            no_repeat_ngram=self.no_repeat_ngram,
+            n_best=self.mbr,
+        )
+        return self._on_device(
+            lambda inputs: decoding.translate(self.model, self.params, inputs, **search), batch
+        )
+
+    def _sample(self, batch: np.ndarray, number: int) -> np.ndarray:
+        """[R, mbr_samples, L] sampled outputs; the draws depend on seed and batch number."""
+        key = jax.random.fold_in(jax.random.key(self.seed), number)
+        options = dict(num_samples=self.mbr_samples, epsilon=self.mbr_epsilon)
+        return self._on_device(
+            lambda inputs: decoding.sample(self.model, self.params, inputs, key, **options), batch
+        )
+
+    def _on_device(self, function: Callable[[jax.Array], Any], batch: np.ndarray) -> Any:
+        """function(batch placed on the mesh's devices), gathered back as numpy arrays."""
         if self.mesh is None:
             inputs = jnp.asarray(batch)
         else:
             inputs = jax.make_array_from_callback(
                 batch.shape, sharding.batch_sharding(self.mesh), lambda index: batch[index]
             )
-        out = decoding.translate(
-            self.model, self.params, inputs, beam_size=self.beam_size, alpha=self.alpha,
-            no_repeat_ngram=self.no_repeat_ngram, n_best=self.mbr,
-        )  # fmt: skip
+        out = function(inputs)
         if self.mesh is not None and jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
         return jax.tree_util.tree_map(np.asarray, out)
@@ -166,11 +201,13 @@ def _group(parts: list[str], vocab: Vocabulary, max_tokens: int) -> list[str]:
     return pieces
 
 
-def minimum_bayes_risk(candidates: list[str]) -> int:
-    """Index of the candidate with the highest mean chrF against all the candidates."""
+def minimum_bayes_risk(candidates: list[str], references: list[str] | None = None) -> int:
+    """Index of the candidate with the highest mean chrF against the references
+    (stand-ins: samples of the model's outputs; by default the candidates themselves)."""
+    references = candidates if references is None else references
     chrf = sacrebleu.metrics.CHRF()
     unique = list(dict.fromkeys(candidates))
     if len(unique) == 1:
         return 0
-    expected = [sum(chrf.sentence_score(h, [other]).score for other in candidates) for h in unique]
+    expected = [sum(chrf.sentence_score(h, [other]).score for other in references) for h in unique]
     return candidates.index(unique[int(np.argmax(expected))])
