@@ -100,16 +100,13 @@ class Translator:
                     out[i] = self.vocab.decode(row)
                 continue
             tokens, scores = self._decode(batch)
-            samples = self._sample(batch, number) if self.mbr_samples else tokens
+            samples = self._sample(batch, number) if self.mbr_samples else [None] * len(tokens)
             for i, rows, row_scores, drawn in zip(
                 batch_indices, tokens, scores, samples, strict=False
             ):
                 ended = row_scores > decoding.NEG_INF / 2
                 candidates = [self.vocab.decode(r) for r in rows[ended]]
-                if self.mbr_samples:
-                    references = [self.vocab.decode(r) for r in drawn]
-                else:
-                    references = candidates
+                references = None if drawn is None else [self.vocab.decode(r) for r in drawn]
                 out[i] = candidates[minimum_bayes_risk(candidates, references)]
         return out
 
