@@ -120,6 +120,33 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
     assert again == sampled  # the draws are fixed by the seed
 
 
+def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, monkeypatch):
+    model = trained.load(str(trained_workdir))
+    texts = ["Der Hund sieht das Haus.", "Die Katze malt.", "Ein Bäcker kauft einen Aal.",
+             "Das Mädchen sucht die Tür.", "Der Mann kauft.", "Unsere Lehrerin malt die Tür!",
+             "Die Straße ist kaputt."]  # fmt: skip
+    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
+    batch = np.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids], np.int32)
+    rows_seen = []
+    sample = decoding.sample
+
+    def recording(model_, params, inputs, key, **options):
+        rows_seen.append(inputs.shape[0])
+        return sample(model_, params, inputs, key, **options)
+
+    monkeypatch.setattr(decoding, "sample", recording)
+    # 7 sources x 6 samples under 7 x 4 beams: chunks of 4 sources, the last one padded.
+    translator = Translator(
+        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6, mbr_epsilon=0.99
+    )  # only the most likely token reaches 0.99: every sample is the greedy output
+    drawn = translator._sample(batch, 0)
+    assert rows_seen == [4, 4]
+    greedy = np.asarray(decoding.decode(model.model, model.params, jnp.asarray(batch), beam_size=1))
+    assert drawn.shape[:2] == (7, 6)
+    for row, samples in zip(greedy, drawn, strict=True):
+        assert all(model.vocab.decode(s) == model.vocab.decode(row) for s in samples)
+
+
 def test_minimum_bayes_risk_picks_the_consensus_candidate():
     agreed = "The weather is nice today."
     candidates = ["Xylophones quarrel loudly.", "The weather is nice today!", agreed, agreed]

@@ -20,6 +20,7 @@ N best, all near its mode, estimate with a bias. The draws are fixed by `seed`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -139,12 +140,25 @@ class Translator:
         )
 
     def _sample(self, batch: np.ndarray, number: int) -> np.ndarray:
-        """[R, mbr_samples, L] sampled outputs; the draws depend on seed and batch number."""
-        key = jax.random.fold_in(jax.random.key(self.seed), number)
+        """[R, mbr_samples, L] sampled outputs; the draws depend on seed and batch number.
+
+        The batch's sources are sampled a chunk at a time, each chunk as many
+        decoder rows (sources x samples) as the beam search's (sources x beams):
+        32 samples of a whole batch at once held 3x the beam's memory (the
+        demo's evaluation peaked at 7.8 GiB instead of 2.2).
+        """
+        multiple = _row_multiple(self.mesh)
+        rows = self.beam_size * len(batch) // self.mbr_samples // multiple * multiple
+        rows = min(max(multiple, rows), len(batch))
         options = dict(num_samples=self.mbr_samples, epsilon=self.mbr_epsilon)
-        return self._on_device(
-            lambda inputs: decoding.sample(self.model, self.params, inputs, key, **options), batch
-        )
+        drawn = []
+        for chunk, start in enumerate(range(0, len(batch), rows)):
+            part = np.zeros((rows, batch.shape[1]), batch.dtype)  # one shape: one compilation
+            part[: len(batch) - start] = batch[start : start + rows]
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), number), chunk)
+            sample = functools.partial(decoding.sample, self.model, self.params, key=key, **options)
+            drawn.append(self._on_device(sample, part)[: len(batch) - start])
+        return np.concatenate(drawn)
 
     def _on_device(self, function: Callable[[jax.Array], Any], batch: np.ndarray) -> Any:
         """function(batch placed on the mesh's devices), gathered back as numpy arrays."""
