@@ -22,7 +22,7 @@ from absl import flags
 
 from experiments import cli, trained_flags
 from transformer import metrics
-from transformer.data import datasets, pipeline
+from transformer.data import datasets
 
 SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
 SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file instead of a split.")
@@ -70,7 +70,7 @@ def pairs_from_split(data) -> tuple[list[str], list[str], str]:
         raise cli.UserError(f"--split must be one of {', '.join(datasets.SPLITS)}")
     source = datasets.load_split(data, SPLIT.value)
     n = len(source) if not LIMIT.value else min(LIMIT.value, len(source))
-    pairs = pipeline.read_texts(source, range(n))
+    pairs = source.texts(range(n))
     return [s for s, _ in pairs], [t for _, t in pairs], SPLIT.value
 
 

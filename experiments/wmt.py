@@ -42,7 +42,9 @@ _HELP = {
     "subword_sampling": "Probability that a training example's side is segmented by "
     "another of its n-best SentencePiece segmentations no longer than the best one "
     "(subword regularization; 0: off).",
-    "num_threads": "Threads reading and tokenizing batches ahead of the training step.",
+    "data_workers": "Processes producing batches from the prepared token ids (0: auto, a "
+    "quarter of the host's cores up to 16; -1: none, threads in the training process).",
+    "num_threads": "Threads producing batches when there are no --data_workers.",
     "prefetch_batches": "Batches prepared ahead.",
     # training
     "steps": "Optimizer updates (the paper: 100000 base, 300000 big).",

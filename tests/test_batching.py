@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from transformer.data import batching, pipeline
+from transformer.data import batching, pipeline, token_ids
 
 
 @pytest.fixture
@@ -44,16 +44,27 @@ def test_packing_rejects_an_example_longer_than_a_row():
 
 def test_packed_arrays_have_right_segments_and_positions():
     pairs = [([5, 6, 1], [7, 1]), ([8, 1], [9, 10, 11, 1]), ([12, 13, 14, 1], [15, 1])]
-    rows = [np.array([0, 1]), np.array([2])]
-    out = pipeline.assemble(pairs, rows, [0, 1, 2], length=8, packed=True)
+    sides = [token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True)]
+    # An empty (padding) row first, then examples 0 and 1 in one row, 2 in the next.
+    rows = [np.zeros(0, np.int64), np.array([0, 1]), np.array([2])]
+    out = pipeline.layout(*sides, rows, length=8, packed=True)
     np.testing.assert_array_equal(
-        out["inputs"], [[5, 6, 1, 8, 1, 0, 0, 0], [12, 13, 14, 1, 0, 0, 0, 0]]
+        out["inputs"], [[0] * 8, [5, 6, 1, 8, 1, 0, 0, 0], [12, 13, 14, 1, 0, 0, 0, 0]]
     )
-    np.testing.assert_array_equal(out["targets"][0], [7, 1, 9, 10, 11, 1, 0, 0])
-    np.testing.assert_array_equal(out["inputs_segmentation"][0], [1, 1, 1, 2, 2, 0, 0, 0])
-    np.testing.assert_array_equal(out["inputs_position"][0], [0, 1, 2, 0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(out["targets_position"][0], [0, 1, 0, 1, 2, 3, 0, 0])
-    np.testing.assert_array_equal(out["targets_segmentation"][1], [1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(out["targets"][1], [7, 1, 9, 10, 11, 1, 0, 0])
+    np.testing.assert_array_equal(out["inputs_segmentation"][1], [1, 1, 1, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(out["inputs_position"][1], [0, 1, 2, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(out["targets_position"][1], [0, 1, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(out["targets_segmentation"][2], [1, 1, 0, 0, 0, 0, 0, 0])
+    assert not out["targets_segmentation"][0].any()
+
+
+def test_rows_of_one_example_are_laid_out_without_segments():
+    sides = [token_ids.Ragged.from_lists(s) for s in ([[3, 1], [4, 5, 1]], [[6, 1], [7, 1]])]
+    out = pipeline.layout(*sides, [np.array([1]), np.array([0])], length=4, packed=False)
+    assert sorted(out) == ["inputs", "targets"]
+    np.testing.assert_array_equal(out["inputs"], [[4, 5, 1, 0], [3, 1, 0, 0]])
+    np.testing.assert_array_equal(out["targets"], [[7, 1, 0, 0], [6, 1, 0, 0]])
 
 
 def test_token_budget_is_never_exceeded_and_every_example_appears_once(lengths):

@@ -155,6 +155,31 @@ def test_sigterm_saves_the_current_step_and_exits_0(ding_sample, uninterrupted, 
     _assert_same_params(_final_params(workdir), _final_params(uninterrupted))
 
 
+@pytest.mark.slow
+def test_sigterm_is_answered_within_three_steps_of_the_last_finished_one(ding_sample, tmp_path):
+    """No progress line forces a wait here (log_every is large): only the loop's bound on
+    steps in flight keeps the devices' queue short, so the save comes at once."""
+    workdir = tmp_path / "bounded"
+    args = [
+        *tiny_training_args(ding_sample, workdir, 100_000, checkpoint_every=0),
+        "--log_every=100000",
+        "--batch_rows=32",
+    ]
+    proc = _start(args)
+    for line in proc.stdout:
+        if line.startswith("first step compiled"):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    finished = [line for line in out.splitlines() if line.startswith("SIGTERM received after")]
+    assert len(finished) == 1, out
+    signalled = int(finished[0].split()[4].rstrip(":"))
+    assert signalled > 1  # it was training, several steps done
+    assert 0 <= _steps(workdir)[-1] - signalled <= 3
+
+
 # ----------------------------------------------------------------------------
 # 3. Corrupt checkpoints
 # ----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The grain pipeline on the sample corpus: content, resume, process shards, evaluation."""
 
+import os
+
 import numpy as np
 import pytest
 
 from transformer import config
-from transformer.data import datasets, pipeline
+from transformer.data import datasets, pipeline, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +43,60 @@ def test_one_epoch_covers_the_training_split_once(train):
     assert sorted(placed.tolist()) == list(range(train.num_examples))
 
 
-def test_restored_iterator_continues_exactly(train):
+def test_an_iterator_started_at_batch_n_continues_exactly(train):
     uninterrupted = _take(train.iterator(), 7)
-    first = train.iterator()
-    _take(first, 4)
-    state = first.get_state()
-    resumed = train.iterator()
-    resumed.set_state(state)
-    for expected, got in zip(uninterrupted[4:], _take(resumed, 3), strict=True):
+    for expected, got in zip(uninterrupted[4:], _take(train.iterator(start=4), 3), strict=True):
         for key in expected:
             np.testing.assert_array_equal(expected[key], got[key])
+
+
+def test_batches_from_prepared_ids_equal_batches_tokenized_from_text(train, ding_sample):
+    source = datasets.load_split(ding_sample, "train")
+    for n in (0, 3, train.plan.epoch_size(0)):  # the last: epoch 1's first batch
+        _, length, rows = train.plan.batch(n)
+        example_ids, local = pipeline.local_rows(rows)
+        pairs = pipeline.tokenize(train.vocab, source.texts(example_ids), 32)
+        sides = [token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True)]
+        expected = pipeline.layout(*sides, local, length, packed=True)
+        got = train.dataset[n]
+        assert sorted(got) == sorted(expected)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_the_split_is_tokenized_once_per_vocabulary(train, ding_sample, sample_vocab, tmp_path):
+    folder = token_ids.split_dir(ding_sample, sample_vocab, "train")
+    written = os.stat(folder / "de.ids.npy").st_mtime_ns
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    again = pipeline.train_data(ding_sample, str(tmp_path), 350, max_len=32, seed=0)
+    assert again.dataset.ids.folder == folder  # another workdir, the same vocabulary
+    assert os.stat(folder / "de.ids.npy").st_mtime_ns == written
+    ids = again.dataset.ids
+    assert ids.source.tokens.dtype == np.uint16 and ids.num_examples == train.num_examples
+
+
+def test_a_half_written_ids_folder_is_never_read(ding_sample, sample_vocab, tmp_path):
+    data = ding_sample.replace(data_dir=str(tmp_path / "tfds"))
+    folder = token_ids.split_dir(data, sample_vocab, "train")
+    folder.mkdir(parents=True)
+    (folder / "de.ids.npy").write_bytes(b"half")  # no complete.json: a crash mid-write
+    source = datasets.load_split(ding_sample, "train")
+    ids = token_ids.load_or_write(data, source, sample_vocab, "train")
+    assert ids.num_examples == len(source) and len(ids.source) == len(source)
+
+
+def test_worker_processes_produce_the_batches_threads_do(train, ding_sample, tmp_path):
+    (tmp_path / "vocab.model").write_bytes(train.vocab.proto)
+    workers = ding_sample.replace(data_workers=2)
+    spawned = pipeline.train_data(workers, str(tmp_path), 350, max_len=32, seed=0)
+    assert pipeline.worker_count(workers) == 2
+    for start in (0, 5):  # from the beginning and from a resumed position
+        iterator = spawned.iterator(start=start)
+        got = _take(iterator, 4)
+        iterator.close()
+        for n, batch in enumerate(got, start=start):
+            for key, value in train.dataset[n].items():
+                np.testing.assert_array_equal(batch[key], value)
 
 
 def test_epochs_differ_and_continue_past_the_first(train):
@@ -170,6 +216,19 @@ def test_subword_sampled_batches_resume_exactly_and_differ_from_plain_ones(
         np.testing.assert_array_equal(a["targets_segmentation"] > 0, a["targets"] > 0)
         differ += not all(np.array_equal(a[k], p[k]) for k in ("inputs", "targets"))
     assert differ == 3  # ...and other segmentations than the plain batches'
+
+
+def test_subword_sampled_batches_from_workers_equal_those_from_threads(
+    ding_sample, sample_vocab, tmp_path
+):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    sampled = ding_sample.replace(subword_sampling=0.5, data_workers=1)
+    data = pipeline.train_data(sampled, str(tmp_path), 350, max_len=32, seed=0)
+    iterator = data.iterator(start=2)
+    batch = next(iterator)
+    iterator.close()
+    for key, value in data.dataset[2].items():
+        np.testing.assert_array_equal(batch[key], value)
 
 
 def test_subword_sampling_must_be_a_probability():

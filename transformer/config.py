@@ -358,7 +358,11 @@ class DataConfig:
     # segmentations that is no longer than its best one (so every planned row
     # still fits), chosen by a seeded RNG (so batch n is the same after resuming).
     subword_sampling: float = 0.0
-    num_threads: int = 2  # threads reading and tokenizing batches ahead of training
+    # Processes producing batches (grain workers, free of the training process's
+    # GIL); 0 = auto: a quarter of the host's cores, at most 16 (none on a 2-core
+    # host, where threads suffice); -1 = none, threads only.
+    data_workers: int = 0
+    num_threads: int = 2  # threads producing batches when there are no workers
     prefetch_batches: int = 8
 
     def languages(self) -> tuple[str, str]:
@@ -386,6 +390,10 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.data_workers < -1:
+            raise ConfigError(
+                f"data_workers must be -1 (none), 0 (auto) or a count, got {self.data_workers}"
+            )
         if not 0.0 <= self.subword_sampling <= 1.0:
             raise ConfigError(
                 f"subword_sampling must be a probability in [0, 1], got {self.subword_sampling!r}"

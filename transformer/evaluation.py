@@ -95,7 +95,7 @@ class Evaluator:
         """(scores, sources, hypotheses, references) on the first `limit` examples of a split."""
         source = datasets.load_split(self.data, split)
         n = len(source) if limit is None else min(limit, len(source))
-        pairs = pipeline.read_texts(source, range(n))
+        pairs = source.texts(range(n))
         sources = [s for s, _ in pairs]
         references = [t for _, t in pairs]
         hypotheses = self.translator(params).translate(sources)

@@ -9,6 +9,7 @@ Shapes: R rows of a batch, T target length, V vocabulary.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -24,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -313,16 +313,27 @@ class Setup:
 
 
 class Preemption:
-    """Turns SIGTERM (a spot VM's preemption notice) into a flag the loop checks."""
+    """Turns SIGTERM (a spot VM's preemption notice) into a flag the loop checks.
 
-    def __init__(self):
-        self.requested = False
+    `completed` is the last step the devices have finished, kept up to date by
+    the loop; with at most MAX_IN_FLIGHT steps queued behind it, the checkpoint
+    saved after a signal is at most MAX_IN_FLIGHT + 1 steps later.
+    """
+
+    def __init__(self, completed: int):
+        self.requested, self.completed = False, completed
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        say(f"SIGTERM received after step {self.completed}: saving a checkpoint and stopping")
         self.requested = True
+
+
+# Steps dispatched to the devices ahead of the last one known finished. Two keep
+# the device queue full (the next step is queued while one runs) and bound what
+# a save or a SIGTERM has to wait for, whatever the step time.
+MAX_IN_FLIGHT = 2
 
 
 # Model settings that change how, not what, is computed: a run may resume with others.
@@ -475,19 +486,23 @@ def train_and_evaluate(setup: Setup) -> dict:
         evaluator = evaluation.Evaluator(model, data_cfg, data.vocab, mesh, cfg)
         writer = metrics.SummaryWriter(setup.workdir, enabled=is_chief)
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-        results = _loop(
-            setup,
-            state,
-            step_fn,
-            iterator,
-            mesh,
-            data,
-            evaluator,
-            writer,
-            peak,
-            start_step,
-            trained_seconds,
-        )
+        try:
+            results = _loop(
+                setup,
+                state,
+                step_fn,
+                iterator,
+                mesh,
+                data,
+                evaluator,
+                writer,
+                peak,
+                start_step,
+                trained_seconds,
+            )
+        finally:
+            if hasattr(iterator, "close"):  # grain worker processes, if any
+                iterator.close()
         writer.close()
     if is_chief:
         (epath.Path(setup.workdir) / "results.json").write_text(json.dumps(results, indent=2))
@@ -501,14 +516,13 @@ def _start(setup: Setup, model, optimizer, mesh, data):
     """
     abstract, shardings = abstract_state(model, optimizer, setup.train.seed, mesh)
     mngr = checkpoint.manager(setup.workdir, setup.train.keep_checkpoints)
-    iterator = data.iterator()
     restored = checkpoint.restore_latest(
         mngr, abstract.params, abstract.opt_state, fallback=setup.fallback_checkpoint
     )
     mngr.close()
     if restored is not None:
         meta = restored.meta
-        iterator.set_state(meta["data"])
+        iterator = data.iterator(start=int(meta["data"]["next_index"]))
         state = TrainState(
             step=jnp.asarray(meta["step"], jnp.int32),
             params=restored.params,
@@ -527,7 +541,7 @@ def _start(setup: Setup, model, optimizer, mesh, data):
             raise checkpoint.CheckpointError(f"--init_from={setup.init_from} has no checkpoint")
         state = state.replace(params=loaded.params)
         say(f"initialized parameters from {setup.init_from} step {loaded.step}")
-    return state, shardings, iterator, 0, 0.0
+    return state, shardings, data.iterator(), 0, 0.0
 
 
 def _loop(
@@ -545,8 +559,10 @@ def _loop(
 ):
     cfg = setup.train
     mngr = checkpoint.manager(setup.workdir, cfg.keep_checkpoints)
-    preemption = Preemption()
+    preemption = Preemption(start_step)
     progress = Progress(setup, writer, peak, start_step)
+    in_flight: collections.deque = collections.deque()  # a metric of each unfinished step
+    step_flops = functools.cache(functools.partial(flops.train_step_flops, setup.model))
     step, saved_step = start_step, start_step
     loop_start = last_save = time.monotonic()
     eval_seconds = 0.0
@@ -558,7 +574,7 @@ def _loop(
         meta = {
             "step": step,
             "rng": state.rng,
-            "data": iterator.get_state(),
+            "data": {"next_index": step},  # batch n is a function of n: the position
             "train_seconds": training_seconds(),
         }
         checkpoint.save(mngr, step, state.params, state.opt_state, meta)
@@ -579,22 +595,26 @@ def _loop(
             seconds = shared_clock["seconds"]
         return cfg.train_minutes - seconds / 60
 
+    batch = sharding.global_batch(mesh, next(iterator))
     try:
         while step < cfg.steps and not preemption.requested:
             left = minutes_left()
             if left is not None and left <= 0:
                 say(f"time budget of {cfg.train_minutes:g} minutes used at step {step}")
                 break
-            local = next(iterator)
-            batch = sharding.global_batch(mesh, local)
             state, metrics = step_fn(state, batch, np.float32(cooldown_factor(cfg, step, left)))
             step += 1
             rows, length = batch["targets"].shape
-            progress.add(
-                step,
-                metrics,
-                flops.train_step_flops(setup.model, rows, batch["inputs"].shape[1], length),
-            )
+            progress.add(step, metrics, step_flops(rows, batch["inputs"].shape[1], length))
+            in_flight.append(metrics["loss"])
+            if step == start_step + 1:  # once: the compilation is in this first step
+                jax.block_until_ready(metrics["loss"])
+                say(f"first step compiled and ran in {time.monotonic() - loop_start:.1f}s")
+            if step < cfg.steps:  # the next batch goes to the devices while this step runs
+                batch = sharding.global_batch(mesh, next(iterator))
+            if len(in_flight) > MAX_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
+                preemption.completed = step - len(in_flight)
             if step % cfg.log_every == 0:
                 progress.report(step, minutes_left())
             if cfg.eval_every and step % cfg.eval_every == 0:

@@ -9,6 +9,7 @@ configured direction.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
@@ -16,6 +17,7 @@ from transformer.config import DataConfig
 from transformer.data import DataError, ding
 
 SPLITS = ("train", "validation", "test")
+READ_CHUNK = 20_000  # records per batched read
 
 
 def _ding_builder(data: DataConfig) -> ding.DingDeEn:
@@ -75,13 +77,28 @@ class TranslationSource:
 
     def __getitem__(self, index: int) -> tuple[str, str]:
         record = self.records[index]
-        return _text(record[self.source_lang]), _text(record[self.target_lang])
+        return as_text(record[self.source_lang]), as_text(record[self.target_lang])
+
+    def chunks(self, indices) -> Iterator[list[dict]]:
+        """The records at `indices`, READ_CHUNK at a time: single reads cost ~25x more."""
+        indices = [int(i) for i in indices]
+        for start in range(0, len(indices), READ_CHUNK):
+            yield self.records.__getitems__(indices[start : start + READ_CHUNK])
+
+    def texts(self, indices) -> list[tuple[str, str]]:
+        """(source, target) texts of the examples at `indices`."""
+        langs = (self.source_lang, self.target_lang)
+        return [
+            (as_text(r[langs[0]]), as_text(r[langs[1]]))
+            for chunk in self.chunks(indices)
+            for r in chunk
+        ]
 
     def record(self, index: int) -> dict:
         return self.records[index]
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 

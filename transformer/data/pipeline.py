@@ -1,11 +1,12 @@
-"""The input pipeline: corpus -> vocabulary -> measured examples -> batches.
+"""The input pipeline: corpus -> vocabulary -> token ids -> batches.
 
+The training split is tokenized once per vocabulary (transformer/data/token_ids.py).
 Training batches come from a grain MapDataset indexed by batch number: batch
-n is planned from the examples' lengths (transformer/data/batching.py),
-read from the TFDS data source, tokenized and laid out as arrays. Grain
-threads prepare batches ahead of the training step; the iterator's state is
-the next batch number, so a restored iterator yields exactly the batches an
-uninterrupted run would have seen.
+n is planned from the examples' lengths (transformer/data/batching.py) and
+laid out from the prepared ids with a few numpy gathers. Grain worker
+processes (or threads, on a small host) prepare batches ahead of the training
+step. Batch n depends on n alone, so the data position is a batch number and
+a resumed run sees exactly the batches an uninterrupted one would have seen.
 
 A batch is a dict of int32 arrays, this process's share of the rows:
   inputs, targets                     [R, L] token ids, EOS-terminated, 0-padded
@@ -18,42 +19,23 @@ padding rows).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
+import os
 import sys
 import threading
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from etils import epath
 
 from transformer.config import EOS_ID, DataConfig
-from transformer.data import batching, datasets
+from transformer.data import batching, datasets, token_ids
 from transformer.data.datasets import TranslationSource
 from transformer.data.vocab import VOCAB_FILE, Vocabulary, load_or_train
 
-READ_CHUNK = 20_000  # records per batched read: single reads cost ~25x more
-
-
 # ----------------------------------------------------------------------------
-# Reading and measuring a split
+# The vocabulary and the examples' lengths
 # ----------------------------------------------------------------------------
-
-
-def read_texts(source: TranslationSource, indices) -> list[tuple[str, str]]:
-    """(source, target) texts of the examples at `indices`, read in chunks."""
-    indices = [int(i) for i in indices]
-    pairs = []
-    for start in range(0, len(indices), READ_CHUNK):
-        chunk = indices[start : start + READ_CHUNK]
-        for record in source.records.__getitems__(chunk):
-            pairs.append((_text(record[source.source_lang]), _text(record[source.target_lang])))
-    return pairs
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) -> Vocabulary:
@@ -65,7 +47,7 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
         n = min(len(source), data.vocab_sample_size)
         chosen = np.sort(rng.choice(len(source), size=n, replace=False))
         logging.info("training a %d-piece vocabulary on %d sentence pairs", vocab_size, n)
-        for src, tgt in read_texts(source, chosen):
+        for src, tgt in source.texts(chosen):
             yield src
             yield tgt
 
@@ -81,6 +63,11 @@ class ExampleIndex:
     sentence: np.ndarray | None = None  # ding_de_en: full-sentence pairs
     alternative: np.ndarray | None = None  # ding_de_en: alternative index
 
+    @classmethod
+    def of(cls, ids: token_ids.TokenIds) -> ExampleIndex:
+        flags = [ids.flag(name) if ids.has_flags() else None for name in token_ids.FLAGS]
+        return cls(ids.source.lengths(), ids.target.lengths(), *flags)
+
     def __len__(self) -> int:
         return len(self.source_lengths)
 
@@ -91,53 +78,6 @@ class ExampleIndex:
     def later_phrase_alternatives(self) -> np.ndarray:
         """ding_de_en: phrases that are not their entry's first alternative."""
         return ~self.sentence & (self.alternative > 0)
-
-
-def measure(source: TranslationSource, vocab: Vocabulary) -> ExampleIndex:
-    """Tokenizes a whole split once to learn every example's lengths."""
-    src_len, tgt_len, sentence, alternative = [], [], [], []
-    for start in range(0, len(source), READ_CHUNK):
-        chunk = list(range(start, min(start + READ_CHUNK, len(source))))
-        records = source.records.__getitems__(chunk)
-        src = vocab.encode_batch([_text(r[source.source_lang]) for r in records])
-        tgt = vocab.encode_batch([_text(r[source.target_lang]) for r in records])
-        src_len += [len(x) + 1 for x in src]
-        tgt_len += [len(x) + 1 for x in tgt]
-        sentence += [bool(r.get("sentence", False)) for r in records]
-        alternative += [int(r.get("alternative", 0)) for r in records]
-    has_flags = len(source) > 0 and "sentence" in source.records[0]
-    return ExampleIndex(
-        np.asarray(src_len, np.int32),
-        np.asarray(tgt_len, np.int32),
-        np.asarray(sentence, bool) if has_flags else None,
-        np.asarray(alternative, np.int32) if has_flags else None,
-    )
-
-
-def load_or_measure(
-    source: TranslationSource, vocab: Vocabulary, workdir: str, split: str, data: DataConfig
-) -> ExampleIndex:
-    """measure(), cached in the workdir under a name tied to the vocabulary and data."""
-    key = hashlib.sha256(
-        vocab.proto + f"{data.dataset}/{data.direction}/{split}/{len(source)}".encode()
-    ).hexdigest()[:16]
-    path = epath.Path(workdir) / f"lengths-{split}-{key}.npz"
-    if path.exists():
-        with path.open("rb") as f:
-            arrays = dict(np.load(io.BytesIO(f.read())))
-        return ExampleIndex(
-            **{
-                k: arrays.get(k)
-                for k in ("source_lengths", "target_lengths", "sentence", "alternative")
-            }
-        )
-    index = measure(source, vocab)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: v for k, v in dataclasses.asdict(index).items() if v is not None})
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.rename(path)
-    return index
 
 
 # ----------------------------------------------------------------------------
@@ -177,6 +117,12 @@ class TrainPlan:
         self._starts: list[int] = [0]
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # a worker process plans the epochs it reaches itself
+        return {**self.__dict__, "_epochs": [], "_starts": [0], "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def _plan_epoch(self, epoch: int) -> list:
         order = batching.epoch_order(len(self.index), self.seed, epoch, self.repeats)
         src, tgt = self.index.source_lengths, self.index.target_lengths
@@ -211,48 +157,65 @@ class TrainPlan:
         return self._starts[epoch + 1] - self._starts[epoch]
 
 
-def assemble(
-    pairs: list[tuple[list[int], list[int]]],
+def layout(
+    sources: token_ids.Ragged,
+    targets: token_ids.Ragged,
     rows: list[np.ndarray],
-    example_ids: list[int],
     length: int,
     packed: bool,
 ) -> dict[str, np.ndarray]:
-    """Lays tokenized examples out as [R, length] arrays (see the module docstring)."""
-    position_of = {ex: k for k, ex in enumerate(example_ids)}
-    names = ("inputs", "targets")
-    out = {name: np.zeros((len(rows), length), np.int32) for name in names}
-    if packed:
-        for name in names:
+    """Lays examples out as [R, length] arrays (see the module docstring), in numpy.
+
+    `rows[r]` holds the indices (into `sources` and `targets`) of the examples of
+    row r, in order; each side of a row must fit in `length` tokens.
+    """
+    counts = np.fromiter((len(row) for row in rows), np.int64, len(rows))
+    examples = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    row_of = np.repeat(np.arange(len(rows)), counts)  # [E]
+    segment = np.arange(len(examples)) - np.repeat(np.cumsum(counts) - counts, counts) + 1
+    out = {}
+    for name, side in (("inputs", sources), ("targets", targets)):
+        begin = side.offsets[examples]
+        n = side.offsets[examples + 1] - begin  # [E] tokens of each example
+        ends = np.cumsum(n)
+        row_first = np.concatenate([[0], ends])[np.cumsum(counts) - counts]  # [R]
+        column = ends - n - row_first[row_of]  # [E] where each example starts in its row
+        position = np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - n, n)  # [tokens]
+        at = (np.repeat(row_of, n), np.repeat(column, n) + position)
+        out[name] = np.zeros((len(rows), length), np.int32)
+        out[name][at] = side.tokens[np.repeat(begin, n) + position]
+        if packed:
             out[f"{name}_position"] = np.zeros((len(rows), length), np.int32)
+            out[f"{name}_position"][at] = position
             out[f"{name}_segmentation"] = np.zeros((len(rows), length), np.int32)
-    for r, row in enumerate(rows):
-        offsets = [0, 0]
-        for segment, ex in enumerate(row, start=1):
-            for side, name in enumerate(names):
-                ids = pairs[position_of[int(ex)]][side]
-                start, end = offsets[side], offsets[side] + len(ids)
-                out[name][r, start:end] = ids
-                if packed:
-                    out[f"{name}_position"][r, start:end] = np.arange(len(ids))
-                    out[f"{name}_segmentation"][r, start:end] = segment
-                offsets[side] = end
+            out[f"{name}_segmentation"][at] = np.repeat(segment, n)
     return out
 
 
+def local_rows(rows: list[np.ndarray]) -> tuple[list[int], list[np.ndarray]]:
+    """The rows' distinct examples, sorted, and the rows as positions among them."""
+    example_ids = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+    return example_ids.tolist(), [np.searchsorted(example_ids, row) for row in rows]
+
+
 class TrainBatches(grain.MapDataset):
-    """Batch n of the plan, this process's rows, as arrays. Infinite length."""
+    """Batch n of the plan, this process's rows, as arrays. Infinite length.
+
+    Reads the prepared token ids; with subword sampling it also reads the
+    batch's texts, which sampling needs. Pickled into grain's worker processes,
+    it carries paths and the plan's lengths, not the corpus.
+    """
 
     def __init__(
         self,
-        source: TranslationSource,
-        vocab: Vocabulary,
+        ids: token_ids.TokenIds,
         plan: TrainPlan,
         process_index: int,
         process_count: int,
+        text: tuple[TranslationSource, Vocabulary] | None = None,
     ):
         super().__init__()
-        self.source, self.vocab, self.plan = source, vocab, plan
+        self.ids, self.plan, self.text = ids, plan, text
         self.process_index, self.process_count = process_index, process_count
 
     def __len__(self) -> int:
@@ -264,15 +227,25 @@ class TrainBatches(grain.MapDataset):
         _, length, rows = self.plan.batch(int(n))
         share = len(rows) // self.process_count
         rows = rows[self.process_index * share : (self.process_index + 1) * share]
-        example_ids = sorted({int(i) for row in rows for i in row})
-        texts = read_texts(self.source, example_ids)
-        pairs = tokenize(self.vocab, texts, self.plan.max_len)
-        if self.plan.data.subword_sampling:
-            # One generator per (seed, batch): batch n is the same after a resume
-            # and whichever thread prepares it.
-            rng = np.random.default_rng([self.plan.seed, int(n)])
-            pairs = resegment(self.vocab, texts, pairs, self.plan.data.subword_sampling, rng)
-        return assemble(pairs, rows, example_ids, length, self.plan.data.batching == "packed")
+        packed = self.plan.data.batching == "packed"
+        if not self.plan.data.subword_sampling:
+            return layout(self.ids.source, self.ids.target, rows, length, packed)
+        example_ids, local = local_rows(rows)
+        source, vocab = self.text
+        texts = source.texts(example_ids)
+        pairs = [
+            (self._ids(self.ids.source, i), self._ids(self.ids.target, i)) for i in example_ids
+        ]
+        # One generator per (seed, batch): batch n is the same after a resume
+        # and whichever thread or process prepares it.
+        rng = np.random.default_rng([self.plan.seed, int(n)])
+        pairs = resegment(vocab, texts, pairs, self.plan.data.subword_sampling, rng)
+        sources, targets = (token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True))
+        return layout(sources, targets, local, length, packed)
+
+    @staticmethod
+    def _ids(side: token_ids.Ragged, i: int) -> list[int]:
+        return side.tokens[side.offsets[i] : side.offsets[i + 1]].astype(int).tolist()
 
 
 def tokenize(vocab: Vocabulary, texts: list[tuple[str, str]], max_len: int):
@@ -319,6 +292,15 @@ def resegment(
     return out
 
 
+def worker_count(data: DataConfig) -> int:
+    """Batch-producing processes: data_workers, or for 0 ("auto") a quarter of the
+    host's cores, at most 16: none on a 2-core host (threads in the training
+    process suffice there), 16 on a TPU VM host."""
+    if data.data_workers == -1:
+        return 0
+    return data.data_workers or min(16, (os.cpu_count() or 1) // 4)
+
+
 @dataclasses.dataclass
 class TrainData:
     """Everything the training loop needs from the data side."""
@@ -328,13 +310,27 @@ class TrainData:
     dataset: grain.MapDataset
     num_examples: int
 
-    def iterator(self) -> grain.DatasetIterator:
-        """Batches from 0 on, read ahead by threads; get_state/set_state resume exactly."""
+    def iterator(self, start: int = 0) -> grain.DatasetIterator:
+        """Batches from number `start` on, produced ahead of the training step.
+
+        With worker_count() > 0, grain worker processes produce them, free of
+        this process's GIL; otherwise threads do. Batch n is a function of n
+        alone, so the position to resume from is a batch number, valid for any
+        number of workers.
+        """
+        data = self.plan.data
+        workers = worker_count(data)
         options = grain.ReadOptions(
-            num_threads=self.plan.data.num_threads,
-            prefetch_buffer_size=self.plan.data.prefetch_batches,
+            num_threads=data.num_threads if workers == 0 else 1,
+            prefetch_buffer_size=data.prefetch_batches,
         )
-        return iter(self.dataset.to_iter_dataset(options))
+        dataset = self.dataset[start:].to_iter_dataset(options)
+        if workers:
+            if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags
+                flags.FLAGS.mark_as_parsed()  # library use (a notebook, tests): defaults
+            per_worker = max(1, data.prefetch_batches // workers)
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(workers, per_worker))
+        return iter(dataset)
 
 
 def train_data(
@@ -348,12 +344,13 @@ def train_data(
     process_index: int = 0,
     process_count: int = 1,
 ) -> TrainData:
-    """Prepares the corpus and vocabulary and returns the training batches."""
+    """Prepares the corpus, vocabulary and token ids and returns the training batches."""
     if process_index == 0:
         datasets.prepare(data)
     vocab = vocabulary(data, workdir, vocab_size, is_chief=process_index == 0)
     source = datasets.load_split(data, "train")
-    index = load_or_measure(source, vocab, workdir, "train", data)
+    ids = token_ids.load_or_write(data, source, vocab, "train", is_chief=process_index == 0)
+    index = ExampleIndex.of(ids)
     plan = TrainPlan(index, data, max_len, seed, row_multiple * process_count)
     if plan.dropped:
         logging.warning(
@@ -367,7 +364,8 @@ def train_data(
             "left out %d later alternatives of phrases (first_alternative_only)",
             int(np.sum(index.later_phrase_alternatives())),
         )
-    dataset = TrainBatches(source, vocab, plan, process_index, process_count)
+    text = (source, vocab) if data.subword_sampling else None
+    dataset = TrainBatches(ids, plan, process_index, process_count, text)
     return TrainData(vocab, plan, dataset, len(index))
 
 
@@ -390,7 +388,7 @@ def eval_batches(
     dropped. Padding rows have index -1.
     """
     n = len(source) if limit is None else min(limit, len(source))
-    texts = read_texts(source, range(n))
+    texts = source.texts(range(n))
     pairs = tokenize(vocab, texts, sys.maxsize)
     too_long = sum(max(len(s), len(t)) > max_len for s, t in pairs)
     if too_long:
@@ -412,10 +410,10 @@ def eval_batches(
         batching.default_boundaries(max_len),
         row_multiple,
     )
+    sources, targets = (token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True))
     batches = []
     for length, rows in planned:
-        ids = sorted({int(i) for row in rows for i in row})
-        batch = assemble([pairs[i] for i in ids], rows, ids, length, packed=False)
+        batch = layout(sources, targets, rows, length, packed=False)
         batch["index"] = np.asarray([int(row[0]) if len(row) else -1 for row in rows], np.int32)
         batches.append(batch)
     return batches
