@@ -16,6 +16,9 @@ import pytest
         ("train_step", ["--rows=8,-1"], "--rows takes positive integers"),
         ("scaling", ["--sweep_rows=2,x"], "--sweep_rows takes positive integers"),
         ("pipeline", ["--repeats=0"], "--repeats=0"),
+        ("pipeline", ["--producers=ids:t1,ids:x2"], "'ids:x2' is not ids|text:tN|wN"),
+        ("pipeline", ["--producers=text:w0"], "'text:w0' needs at least one producer"),
+        ("loop", ["--steps=5"], "--steps=5"),
     ],
 )
 def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):
