@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from benchmarks import peak_rss_gib, positive_ints
+from benchmarks import eos_only_at_the_end, peak_rss_gib, positive_ints
 from experiments import cli
 from transformer import config, decoding, flops
 from transformer.config import EOS_ID
@@ -46,17 +46,6 @@ _SOURCE_LENGTH = flags.DEFINE_integer(
 _STEPS = flags.DEFINE_integer("steps", 40, "Output positions decoded per sentence.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration.", lower_bound=1)
 _NAIVE = flags.DEFINE_bool("naive", False, "Also time the straightforward decoder.")
-
-
-def eos_only_at_the_end(step_fn, steps: int):
-    """step_fn with EOS impossible before position steps - 1: a fixed amount of work."""
-
-    def wrapped(cache, tokens, step):
-        log_probs, cache = step_fn(cache, tokens, step)
-        blocked = (jnp.arange(log_probs.shape[-1]) == EOS_ID) & (step + 1 < steps)
-        return jnp.where(blocked, -1e9, log_probs), cache
-
-    return wrapped
 
 
 def naive_step(model: Transformer, params, inputs: jax.Array, hypotheses: int, length: int):

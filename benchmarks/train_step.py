@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from benchmarks import peak_rss_gib, positive_ints
+from benchmarks import packed_batch, peak_rss_gib, positive_ints
 from experiments import cli
 from transformer import config, flops, sharding, train
 from transformer.model import Transformer
@@ -55,23 +55,6 @@ def overrides() -> dict:
             changes.setdefault("d_k", d // h)
             changes.setdefault("d_v", d // h)
     return changes
-
-
-def packed_batch(rows: int, length: int, vocab: int, segments: int = 4) -> dict:
-    """Rows full of `segments` examples each, random ids (the content does not matter)."""
-    rng = np.random.default_rng(0)
-    size = length // segments
-    positions = np.tile(np.arange(size), segments)[None].repeat(rows, 0)
-    segment_ids = np.repeat(np.arange(1, segments + 1), size)[None].repeat(rows, 0)
-    batch = {
-        "inputs_position": positions,
-        "targets_position": positions,
-        "inputs_segmentation": segment_ids,
-        "targets_segmentation": segment_ids,
-    }
-    for name in ("inputs", "targets"):
-        batch[name] = rng.integers(4, vocab, (rows, length)).astype(np.int32)
-    return {k: v.astype(np.int32) for k, v in batch.items()}
 
 
 def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dict:

@@ -19,6 +19,7 @@ import pytest
         ("pipeline", ["--producers=ids:t1,ids:x2"], "'ids:x2' is not ids|text:tN|wN"),
         ("pipeline", ["--producers=text:w0"], "'text:w0' needs at least one producer"),
         ("loop", ["--steps=5"], "--steps=5"),
+        ("flax_example", ["--example=/nonexistent"], "give the Flax WMT example's folder"),
     ],
 )
 def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):

@@ -65,7 +65,7 @@ class ExampleIndex:
 
     @classmethod
     def of(cls, ids: token_ids.TokenIds) -> ExampleIndex:
-        flags = [ids.flag(name) if ids.has_flags() else None for name in token_ids.FLAGS]
+        flags = [ids.flag(name) for name in token_ids.FLAGS] if ids.has_flags() else []
         return cls(ids.source.lengths(), ids.target.lengths(), *flags)
 
     def __len__(self) -> int:

@@ -1,0 +1,315 @@
+r"""Our training step and beam search against the Flax WMT example's, same shapes, same CPU.
+
+  python -m benchmarks.flax_example --example=PATH/flax/examples/wmt
+  python -m benchmarks.flax_example --example=... --what=step --sizes=tiny,small,base --rounds=3
+
+--example is the example's folder in a checkout of Flax (it is not part of
+the flax package, and this project ships none of its code); its models.py and
+decode.py are loaded from there. Its step is rebuilt here as the example's
+train.py computes it: the model's logits,
+label-smoothed cross entropy against dense one-hot soft targets, a weighted
+mean, AdamW(0.9, 0.98, 1e-9, weight decay 0), the loss and accuracy again
+for the metrics. Both models are pre-LN with tied embeddings, float32,
+dropout 0.1 on residuals and embeddings, none on attention weights, batches of
+packed rows (4 examples a row). Each size and side runs in its own process,
+sides alternating, --rounds times; prints one JSON line per run (median step
+time of --repeats steps after a warm-up, peak RSS) and one per size with the
+medians and the speedup (the example's time over ours).
+
+Beam search (--what=beam): the base model, float32, random parameters, 32
+sources of 25 tokens, beam 4, alpha 0.6, exactly 40 output positions on both
+sides (EOS made impossible, so neither stops early): ours through
+transformer/decoding.py, the example's through its decode.beam_search driven
+as its train.py's predict_step drives it (the source encoded once, the
+decoder re-projecting the encoder output every step).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from benchmarks import eos_only_at_the_end, packed_batch, peak_rss_gib
+from experiments import cli
+from transformer import config, decoding, sharding, train
+from transformer.config import EOS_ID
+from transformer.model import Transformer
+
+_EXAMPLE = flags.DEFINE_string("example", None, "The Flax WMT example's folder.")
+_WHAT = flags.DEFINE_list("what", ["step", "beam"], "step and/or beam.")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "small", "base"], "Sizes of the step comparison.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Runs of each side per size.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per run.", lower_bound=1)
+_ONE = flags.DEFINE_string("one", None, "Internal: SIDE:WHAT:SIZE measured in this process.")
+
+# d_model, layers each side, heads, vocabulary, rows, row length
+SIZES = {
+    "tiny": (128, 2, 4, 8000, 64, 64),
+    "small": (256, 3, 4, 8000, 32, 128),
+    "base": (512, 6, 8, 37000, 8, 128),
+}
+SMOOTHING = 0.1
+BEAM, SOURCES, SOURCE_LENGTH, OUTPUT_STEPS = 4, 32, 25, 40
+
+
+def _load(name: str):
+    """The example's module `name`.py, loaded from --example."""
+    spec = importlib.util.spec_from_file_location(
+        f"flax_wmt_{name}", os.path.join(_EXAMPLE.value, f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sources(vocab: int) -> jax.Array:
+    inputs = np.random.default_rng(0).integers(4, vocab, (SOURCES, SOURCE_LENGTH))
+    inputs[:, -1] = EOS_ID
+    return jnp.asarray(inputs, jnp.int32)
+
+
+def _timed(step, state, args, repeats: int) -> tuple[float, float]:
+    """(compile seconds, median seconds per step) of a jitted step(state, *args)."""
+    start = time.perf_counter()
+    compiled = step.lower(state, *args).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, *args)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = compiled(state, *args)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def _our_config(size: str) -> config.ModelConfig:
+    d, layers, heads, vocab, _, length = SIZES[size]
+    return config.preset("base").replace(
+        d_model=d, d_ff=4 * d, num_heads=heads, d_k=d // heads, d_v=d // heads,
+        num_encoder_layers=layers, num_decoder_layers=layers, vocab_size=vocab,
+        layer_norm="pre", dropout=0.1, dtype="float32", max_len=max(length, 64),
+    )  # fmt: skip
+
+
+def _example_config(models, size: str, **changes):
+    d, layers, heads, vocab, _, length = SIZES[size]
+    return models.TransformerConfig(
+        vocab_size=vocab, output_vocab_size=vocab, share_embeddings=True,
+        logits_via_embedding=True, emb_dim=d, num_heads=heads, num_layers=layers,
+        qkv_dim=d, mlp_dim=4 * d, max_len=max(length, 64), dropout_rate=0.1,
+        attention_dropout_rate=0.0, **changes,
+    )  # fmt: skip
+
+
+def our_step(size: str) -> tuple[float, float]:
+    _, _, _, vocab, rows, length = SIZES[size]
+    model_cfg = _our_config(size)
+    train_cfg = config.TrainConfig(label_smoothing=SMOOTHING)
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
+    model, optimizer = Transformer(model_cfg), train.make_optimizer(model_cfg, train_cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+        state, shardings = train.create_state(model, optimizer, 0, mesh)
+        step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
+        batch = sharding.global_batch(mesh, packed_batch(rows, length, vocab))
+        return _timed(step, state, (batch, np.float32(1.0)), _REPEATS.value)
+
+
+def _example_loss(logits, targets, weights):
+    """The example's label-smoothed loss: dense soft targets, summed, and its weight."""
+    vocab = logits.shape[-1]
+    confidence, low = 1.0 - SMOOTHING, SMOOTHING / (vocab - 1)
+    constant = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    loss = -jnp.sum(soft * nn.log_softmax(logits), axis=-1) - constant
+    return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def example_step(size: str) -> tuple[float, float]:
+    models = _load("models")
+    _, _, _, vocab, rows, length = SIZES[size]
+    model = models.Transformer(_example_config(models, size, deterministic=False))
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(rows, length, vocab).items()}
+    keys = ("inputs_position", "targets_position", "inputs_segmentation", "targets_segmentation")
+    extra = {k.replace("position", "positions"): batch[k] for k in keys}
+    params = model.init(jax.random.key(0), batch["inputs"], batch["targets"], **extra)["params"]
+    peak, warmup = 0.0625, 1000  # the example's defaults: rsqrt after a linear warmup
+    rsqrt = lambda c: peak * (c + warmup) ** -0.5 * warmup**0.5  # noqa: E731
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), rsqrt], [warmup])
+    optimizer = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0)
+    state = (params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def step(state, batch, rng):
+        params, opt_state, count = state
+        weights = (batch["targets"] > 0).astype(jnp.float32)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, batch["inputs"], batch["targets"],
+                **{k.replace("position", "positions"): batch[k] for k in keys},
+                rngs={"dropout": jax.random.fold_in(rng, count)},
+            )  # fmt: skip
+            loss, weight = _example_loss(logits, batch["targets"], weights)
+            return loss / weight, logits
+
+        (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        loss, weight = _example_loss(logits, batch["targets"], weights)
+        accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
+        metrics = {"loss": loss, "accuracy": accuracy, "denominator": weight}
+        return (optax.apply_updates(params, updates), opt_state, count + 1), metrics
+
+    jitted = jax.jit(step, donate_argnums=0)
+    return _timed(jitted, state, (batch, jax.random.key(1)), _REPEATS.value)
+
+
+def _timed_search(search, *args) -> tuple[float, float]:
+    """(compile seconds, median seconds) of a jitted search(*args), --repeats runs."""
+    start = time.perf_counter()
+    compiled = jax.jit(search).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def our_beam(size: str) -> tuple[float, float]:
+    model = Transformer(_our_config(size).replace(dropout=0.0))
+    tokens = jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
+    inputs = _sources(model.config.vocab_size)
+
+    def search(params, inputs):
+        step_fn, cache = decoding.model_step(model, params, inputs, SOURCES * BEAM, OUTPUT_STEPS)
+        step_fn = eos_only_at_the_end(step_fn, OUTPUT_STEPS)
+        max_lengths = jnp.full((SOURCES,), OUTPUT_STEPS)
+        tokens, _, _ = decoding.beam_search(
+            step_fn, decoding.reorder_lineage, cache, max_lengths,
+            length=OUTPUT_STEPS, beam_size=BEAM, alpha=0.6,
+        )  # fmt: skip
+        return tokens[:, 0]
+
+    return _timed_search(search, params, inputs)
+
+
+def example_beam(size: str) -> tuple[float, float]:
+    models, decode = _load("models"), _load("decode")
+    cfg = _example_config(models, size, deterministic=True, decode=True)
+    model = models.Transformer(cfg)
+    inputs = _sources(cfg.vocab_size)
+    length = OUTPUT_STEPS + 1  # the example decodes max_decode_len - 1 positions
+    variables = model.init(
+        jax.random.key(0), jnp.ones(inputs.shape, jnp.float32), jnp.ones((SOURCES, length))
+    )
+    params, cache = variables["params"], variables["cache"]
+
+    def search(params, cache, inputs):
+        encoded = model.apply({"params": params}, inputs, method=models.Transformer.encode)
+        encoded = decode.flat_batch_beam_expand(encoded, BEAM)
+        raw = decode.flat_batch_beam_expand(inputs, BEAM)
+
+        def tokens_to_logits(ids, flat_cache):
+            logits, new = model.apply(
+                {"params": params, "cache": flat_cache}, encoded, raw, ids,
+                mutable=["cache"], method=models.Transformer.decode,
+            )  # fmt: skip
+            return logits[:, 0], new["cache"]
+
+        # eos_id -1 is never produced: every sentence runs all positions, as ours.
+        seqs, _ = decode.beam_search(
+            inputs, cache, tokens_to_logits, beam_size=BEAM, alpha=0.6, eos_id=-1,
+            max_decode_len=length,
+        )  # fmt: skip
+        return seqs[:, -1, 1:]
+
+    return _timed_search(search, params, cache, inputs)
+
+
+MEASURES = {
+    ("ours", "step"): our_step, ("theirs", "step"): example_step,
+    ("ours", "beam"): our_beam, ("theirs", "beam"): example_beam,
+}  # fmt: skip
+
+
+def measure(one: str) -> dict:
+    side, what, size = one.split(":")
+    compile_s, seconds = MEASURES[side, what](size)
+    _, _, _, _, rows, length = SIZES[size]
+    work = rows * length if what == "step" else SOURCES * OUTPUT_STEPS
+    return {
+        "benchmark": "flax_example", "side": side, "what": what, "size": size,
+        "compile_s": round(compile_s, 2), "seconds": round(seconds, 4),
+        ("target_tokens_per_s" if what == "step" else "output_tokens_per_s"):
+            round(work / seconds, 1),
+        "peak_rss_gib": round(peak_rss_gib(), 3), "cpus": os.cpu_count(),
+    }  # fmt: skip
+
+
+def main(argv):
+    del argv
+    example = _EXAMPLE.value
+    if not example or not all(
+        os.path.isfile(os.path.join(example, f"{n}.py")) for n in ("models", "decode")
+    ):
+        raise cli.UserError(
+            f"--example={example}: give the Flax WMT example's folder, with its models.py "
+            "and decode.py (flax/examples/wmt in a checkout of Flax)"
+        )
+    for size in _SIZES.value:
+        if size not in SIZES:
+            raise cli.UserError(f"--sizes takes {', '.join(SIZES)}, got {size!r}")
+    for what in _WHAT.value:
+        if what not in ("step", "beam"):
+            raise cli.UserError(f"--what takes step and/or beam, got {what!r}")
+    if _ONE.value:
+        print(json.dumps(measure(_ONE.value)), flush=True)
+        return
+    plan = [("step", s) for s in _SIZES.value if "step" in _WHAT.value]
+    plan += [("beam", "base")] if "beam" in _WHAT.value else []
+    for what, size in plan:
+        compare(what, size)
+
+
+def compare(what: str, size: str) -> None:
+    """Both sides, alternating, each run in its own process; then the medians."""
+    runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
+    for _ in range(_ROUNDS.value):
+        for side in ("ours", "theirs"):
+            command = [sys.executable, "-m", "benchmarks.flax_example",
+                       f"--example={_EXAMPLE.value}", f"--repeats={_REPEATS.value}",
+                       f"--one={side}:{what}:{size}"]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                last = result.stderr.strip().splitlines()[-1]
+                raise cli.UserError(f"{side}:{what}:{size}: {last}")
+            runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[side][-1]), flush=True)
+    median = {s: statistics.median(r["seconds"] for r in runs[s]) for s in runs}
+    rss = {s: max(r["peak_rss_gib"] for r in runs[s]) for s in runs}
+    print(json.dumps({
+        "benchmark": "flax_example", "what": what, "size": size,
+        "ours_seconds": median["ours"], "example_seconds": median["theirs"],
+        "speedup": round(median["theirs"] / median["ours"], 3),
+        "ours_peak_rss_gib": rss["ours"], "example_peak_rss_gib": rss["theirs"],
+    }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli.run(main)
