@@ -34,8 +34,8 @@ def packed_batch(rows: int, length: int, vocab: int, segments: int = 4) -> dict:
     positions = np.tile(np.arange(size), segments)[None].repeat(rows, 0)
     segment_ids = np.repeat(np.arange(1, segments + 1), size)[None].repeat(rows, 0)
     batch = {
-        "inputs_position": positions,
-        "targets_position": positions,
+        "inputs_positions": positions,
+        "targets_positions": positions,
         "inputs_segmentation": segment_ids,
         "targets_segmentation": segment_ids,
     }

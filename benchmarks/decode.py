@@ -1,7 +1,7 @@
 r"""Decoding speed: sentences/s and generated tokens/s, greedy and beam search.
 
-  python -m benchmarks.decode --preset=base --batch=1,32,128 --beam=1,4 --steps=40
-  python -m benchmarks.decode --preset=base --batch=32 --beam=4 --naive
+  python -m benchmarks.decode --preset=base --batch=1,32,128 --beam_size=1,4 --steps=40
+  python -m benchmarks.decode --preset=base --batch=32 --beam_size=4 --naive
 
 Random parameters and random sources of --source_length tokens. To time a
 fixed amount of work, EOS is made impossible until the last of --steps output
@@ -39,7 +39,7 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", "auto", ["auto", "float32", "bfloat16"], "Compute dtype (auto: the faster here)."
 )
 _BATCHES = flags.DEFINE_list("batch", ["1", "32", "128"], "Sentences per batch.")
-_BEAMS = flags.DEFINE_list("beam", ["1", "4"], "Beam sizes (1: greedy).")
+_BEAMS = flags.DEFINE_list("beam_size", ["1", "4"], "Beam sizes (1: greedy).")
 _SOURCE_LENGTH = flags.DEFINE_integer(
     "source_length", 25, "Source tokens per sentence.", lower_bound=1
 )
@@ -142,7 +142,10 @@ def measure(model, params, batch: int, beam: int, naive: bool) -> dict:
 
 def main(argv):
     del argv
-    batches, beams = positive_ints("batch", _BATCHES.value), positive_ints("beam", _BEAMS.value)
+    batches, beams = (
+        positive_ints("batch", _BATCHES.value),
+        positive_ints("beam_size", _BEAMS.value),
+    )
     dtype = flops.fastest_dtype() if _DTYPE.value == "auto" else _DTYPE.value
     model_cfg = config.preset(_PRESET.value).replace(dtype=dtype)
     model_cfg = model_cfg.replace(max_len=max(model_cfg.max_len, _STEPS.value))

@@ -143,8 +143,8 @@ def example_step(size: str) -> tuple[float, float]:
     _, _, _, vocab, rows, length = SIZES[size]
     model = models.Transformer(_example_config(models, size, deterministic=False))
     batch = {k: jnp.asarray(v) for k, v in packed_batch(rows, length, vocab).items()}
-    keys = ("inputs_position", "targets_position", "inputs_segmentation", "targets_segmentation")
-    extra = {k.replace("position", "positions"): batch[k] for k in keys}
+    keys = ("inputs_positions", "targets_positions", "inputs_segmentation", "targets_segmentation")
+    extra = {k: batch[k] for k in keys}
     params = model.init(jax.random.key(0), batch["inputs"], batch["targets"], **extra)["params"]
     peak, warmup = 0.0625, 1000  # the example's defaults: rsqrt after a linear warmup
     rsqrt = lambda c: peak * (c + warmup) ** -0.5 * warmup**0.5  # noqa: E731
@@ -159,7 +159,7 @@ def example_step(size: str) -> tuple[float, float]:
         def loss_fn(params):
             logits = model.apply(
                 {"params": params}, batch["inputs"], batch["targets"],
-                **{k.replace("position", "positions"): batch[k] for k in keys},
+                **{k: batch[k] for k in keys},
                 rngs={"dropout": jax.random.fold_in(rng, count)},
             )  # fmt: skip
             loss, weight = _example_loss(logits, batch["targets"], weights)

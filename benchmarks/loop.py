@@ -69,9 +69,9 @@ def loop_side(workdir: str, steps: int) -> dict:
 
 def bare_side(steps: int) -> dict:
     """benchmarks.train_step at the same shapes: the compiled step alone."""
-    changes = ",".join(f"{k}={v}" for k, v in MICRO.items())
     out = _run([
-        sys.executable, "-m", "benchmarks.train_step", "--preset=cpu", f"--set={changes}",
+        sys.executable, "-m", "benchmarks.train_step", "--preset=cpu",
+        *[f"--{k}={v}" for k, v in MICRO.items()],
         f"--dtype={_DTYPE.value}", f"--rows={ROWS}", f"--length={LENGTH}", f"--repeats={steps}",
     ])  # fmt: skip
     figures = json.loads(out.strip().splitlines()[-1])

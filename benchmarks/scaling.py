@@ -10,7 +10,7 @@ S^2 part. Batch sweep: rows of 128 tokens, 1 ... 32 rows: step time per token
 falls while the matmuls are too small to keep the cores busy. One JSON line
 per point (the train_step benchmark's fields plus the sweep's name), with the
 share of the step's FLOPs spent in attention scores from the analytic count.
-Also takes the train_step benchmark's --preset, --dtype, --repeats and --set.
+Also takes the train_step benchmark's --preset, --dtype, --repeats and model settings.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from absl import flags
 
 from benchmarks import positive_ints, train_step
 from experiments import cli
-from transformer import config, flops
+from transformer import flops
 
 _TOKENS = flags.DEFINE_integer(
     "tokens", 4096, "Tokens per step (each side) in the length sweep.", lower_bound=1
@@ -39,7 +39,7 @@ _BATCH_LENGTH = flags.DEFINE_integer(
 
 def attention_share(preset: str, rows: int, length: int) -> float:
     """Fraction of the forward FLOPs in Q.K^T and weights.V (from the analytic count)."""
-    model = config.preset(preset).replace(**train_step.overrides())
+    model = train_step.model_config(preset, "float32", length)
     total = flops.forward_flops(model, rows, length, length)
     without = flops.forward_flops(model, rows, length, length, attention_scores=False)
     return 1.0 - without / total

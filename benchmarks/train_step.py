@@ -13,7 +13,6 @@ GPU/TPU: the datasheet bf16 peak).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import packed_batch, peak_rss_gib, positive_ints
-from experiments import cli
+from experiments import cli, config_flags
 from transformer import config, flops, sharding, train
 from transformer.model import Transformer
 
@@ -33,34 +32,19 @@ _DTYPES = flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to measure.")
 _ROWS = flags.DEFINE_list("rows", ["8"], "Rows per batch.")
 _LENGTHS = flags.DEFINE_list("length", ["128"], "Tokens per row (source and target each).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per configuration.", lower_bound=1)
-_REMAT = flags.DEFINE_bool("remat", False, "Rematerialize layer activations.")
-_OVERRIDES = flags.DEFINE_list(
-    "set", [], "Model config changes, e.g. d_model=128,d_ff=512,num_heads=4,vocab_size=4000."
-)
+# Any other ModelConfig setting changes the presets measured, e.g. --d_model=128.
+config_flags.define(config.ModelConfig, skip=("dtype",), note=" Default: the preset's.")
 
 
-def overrides() -> dict:
-    """--set key=value pairs, typed like the ModelConfig field they change."""
-    fields = {f.name: f.type for f in dataclasses.fields(config.ModelConfig)}
-    changes = {}
-    for item in _OVERRIDES.value:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise ValueError(f"--set: unknown model setting {key!r}")
-        current = getattr(config.preset("base"), key)
-        changes[key] = type(current)(value) if not isinstance(current, bool) else value == "true"
-    if "d_model" in changes or "num_heads" in changes:
-        d, h = changes.get("d_model", 0), changes.get("num_heads", 0)
-        if d and h:
-            changes.setdefault("d_k", d // h)
-            changes.setdefault("d_v", d // h)
-    return changes
+def model_config(preset: str, dtype: str, length: int) -> config.ModelConfig:
+    """The preset with the dtype measured, room for `length` and the settings given."""
+    changes = {"dtype": dtype, "max_len": max(length, 64)}
+    changes.update(config_flags.given(config.ModelConfig, skip=("dtype",)))
+    return config.changed_model(config.preset(preset), changes)
 
 
 def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dict:
-    model_cfg = config.preset(preset).replace(
-        dtype=dtype, remat=_REMAT.value, max_len=max(length, 64), **overrides()
-    )
+    model_cfg = model_config(preset, dtype, length)
     train_cfg = config.TrainConfig()
     mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
     model, optimizer = Transformer(model_cfg), train.make_optimizer(model_cfg, train_cfg)
@@ -86,11 +70,11 @@ def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dic
     return {
         "benchmark": "train_step",
         "preset": preset,
-        **({"set": ",".join(_OVERRIDES.value)} if _OVERRIDES.value else {}),
+        **config_flags.given(config.ModelConfig, skip=("dtype",)),
         "dtype": dtype,
         "rows": rows,
         "length": length,
-        "remat": _REMAT.value,
+        "remat": model_cfg.remat,
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "compile_s": round(compile_s, 2),

@@ -1,7 +1,7 @@
 r"""Attention heatmaps of a trained model translating one sentence.
 
   python -m experiments.attention_maps --workdir=DIR --sentence="Das Haus ist schön." \
-      [--out_dir=DIR/attention_maps] [--beam=4]
+      [--out_dir=DIR/attention_maps] [--beam_size=4]
 
 Translates the sentence, then writes one PNG per attention layer (encoder
 self-attention, decoder self-attention, encoder-decoder attention), a panel per
@@ -15,7 +15,7 @@ import os
 from absl import flags
 
 from experiments import cli, trained_flags
-from transformer import attention_maps
+from transformer.analysis import attention_maps
 from transformer.config import EOS_ID
 
 SENTENCE = flags.DEFINE_string("sentence", None, "The sentence to translate and draw.")

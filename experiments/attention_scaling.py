@@ -5,7 +5,7 @@ r"""Why attention divides by sqrt(d_k): softmax statistics against d_k, with and
 
 Prints a table (or JSON lines with --json) and writes attention_scaling.png,
 attention_scaling.csv and attention_scaling.json to --out_dir. The argument
-and what each column means are in transformer/scaling.py.
+and what each column means are in transformer/analysis/scaling.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from absl import flags
 
 from experiments import cli
-from transformer import scaling
+from transformer.analysis import scaling
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "attention_scaling", "Where the plot and table go.")
 _D_K = flags.DEFINE_list(

@@ -105,18 +105,7 @@ def main(argv: list[str]) -> None:
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
-    ngram = translator.no_repeat_ngram
-    print(
-        f"{name}: {len(sources)} sentences, {model.describe()}, "
-        f"beam {translator.beam_size}, alpha {translator.alpha:g}"
-        + (f", no repeated {ngram}-grams" if ngram else "")
-        + (f", MBR (chrF) over the {translator.mbr} best" if translator.mbr else "")
-        + (
-            f" against {translator.mbr_samples} samples (epsilon {translator.mbr_epsilon:g})"
-            if translator.mbr and translator.mbr_samples
-            else ""
-        )
-    )
+    print(f"{name}: {len(sources)} sentences, {model.describe()}, {translator.decode.describe()}")
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
     print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")
     print(

@@ -16,7 +16,7 @@ from absl import flags
 
 from experiments import cli, model_flags
 from transformer import config
-from transformer.params import COMPONENTS, formula_counts, real_counts
+from transformer.analysis.params import COMPONENTS, formula_counts, real_counts
 
 _TABLE3 = flags.DEFINE_bool("table3", False, "Print every row of the paper's Table 3.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON lines instead of a table.")
@@ -60,7 +60,7 @@ def table3_rows(vocab_size: int | None) -> list[dict]:
                 "d_k": model.d_k,
                 "d_v": model.d_v,
                 "P_drop": model.dropout,
-                "eps_ls": 0.1 if p.label_smoothing is None else p.label_smoothing,
+                "eps_ls": config.recipe(name).label_smoothing,
                 "params": ours,
                 "real": real_counts(model)["total"],
                 "paper_m": paper,

@@ -1,11 +1,13 @@
-"""Flags shared by the entry points that use a trained model: which workdir and checkpoint."""
+"""Flags of the entry points that use a trained model: which workdir and checkpoint, and
+the DecodeConfig's settings, which default to those the workdir trained with."""
 
 from __future__ import annotations
 
 from absl import flags
 
+from experiments import config_flags
 from experiments.cli import UserError
-from transformer import trained
+from transformer import config, trained
 from transformer.translation import Translator
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The workdir that experiments.wmt trained in.")
@@ -13,38 +15,11 @@ STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (defa
 AVERAGE_LAST = flags.DEFINE_integer(
     "average_last", 0, "Average the parameters of the last K checkpoints (the paper: 5 or 20)."
 )
-BEAM = flags.DEFINE_integer(
-    "beam", None, "Beam size (1: greedy decoding). Default: the workdir's --beam_size."
-)
-ALPHA = flags.DEFINE_float(
-    "alpha",
-    None,
-    "Length penalty ((5 + len) / 6)^alpha. Default: the workdir's --length_penalty.",
-)
-
-NO_REPEAT_NGRAM = flags.DEFINE_integer(
-    "no_repeat_ngram",
-    None,
-    "Never repeat an n-gram of this many subword pieces within an output (0: off). "
-    "Default: the workdir's --no_repeat_ngram.",
-)
-MBR = flags.DEFINE_integer(
-    "mbr",
-    None,
-    "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the highest "
-    "mean chrF against all N (0: off; N <= beam size). Default: the workdir's --mbr.",
-)
-MBR_SAMPLES = flags.DEFINE_integer(
-    "mbr_samples",
-    None,
-    "With --mbr: the mean chrF is against this many outputs sampled from the model "
-    "(epsilon sampling) instead of against the N best (0: the N best). "
-    "Default: the workdir's --mbr_samples.",
-)
+config_flags.define(config.DecodeConfig, note=" Default: the workdir's.")
 
 
 def check() -> None:
-    """Validates the shared flags: one line naming the flag on a bad value."""
+    """Validates the checkpoint flags: one line naming the flag on a bad value."""
     if not WORKDIR.value:
         raise UserError("--workdir is required: the directory experiments.wmt trained in")
     if STEP.value is not None and AVERAGE_LAST.value:
@@ -53,45 +28,33 @@ def check() -> None:
         raise UserError(f"--step must be >= 0, got {STEP.value}")
     if AVERAGE_LAST.value < 0:
         raise UserError(f"--average_last must be >= 0, got {AVERAGE_LAST.value}")
-    if BEAM.value is not None and BEAM.value < 1:
-        raise UserError(f"--beam must be >= 1, got {BEAM.value}")
-    if ALPHA.value is not None and ALPHA.value < 0:
-        raise UserError(f"--alpha must be >= 0, got {ALPHA.value}")
-    if NO_REPEAT_NGRAM.value is not None and NO_REPEAT_NGRAM.value < 0:
-        raise UserError(f"--no_repeat_ngram must be >= 0, got {NO_REPEAT_NGRAM.value}")
-    if MBR.value is not None and (MBR.value < 0 or MBR.value == 1):
-        raise UserError(f"--mbr must be 0 (off) or at least 2, got {MBR.value}")
-    if MBR_SAMPLES.value is not None and MBR_SAMPLES.value < 0:
-        raise UserError(f"--mbr_samples must be >= 0, got {MBR_SAMPLES.value}")
+
+
+def check_decode() -> None:
+    """Refuses a bad decoding flag before a model is loaded (the workdir's values aside)."""
+    config.DecodeConfig(**_without_mbr(config_flags.given(config.DecodeConfig))).validate()
+
+
+def _without_mbr(changes: dict) -> dict:
+    """The flags without the MBR settings, whose checks need the workdir's beam size."""
+    return {k: v for k, v in changes.items() if k not in ("mbr", "mbr_samples")}
 
 
 def load() -> trained.Trained:
     check()
+    check_decode()
     return trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
 
 
+def decode_config(model: trained.Trained) -> config.DecodeConfig:
+    """The workdir's DecodeConfig with the decoding flags given (so that a workdir's final
+    scores are reproduced by default). --mbr=0 turns the workdir's MBR off, samples and all."""
+    changes = config_flags.given(config.DecodeConfig)
+    if changes.get("mbr") == 0:
+        changes.setdefault("mbr_samples", 0)
+    return model.decode.replace(**changes).validate()
+
+
 def translator(model: trained.Trained, **options) -> Translator:
-    """A Translator for the loaded model. Beam size, length penalty, n-gram blocking and
-    MBR (with its samples): the flags where given, else those the workdir trained with
-    (so that a workdir's final scores are reproduced by default). `options` go to
-    Translator."""
-    beam = model.train.beam_size if BEAM.value is None else BEAM.value
-    alpha = model.train.length_penalty if ALPHA.value is None else ALPHA.value
-    ngram = model.train.no_repeat_ngram if NO_REPEAT_NGRAM.value is None else NO_REPEAT_NGRAM.value
-    mbr = model.train.mbr if MBR.value is None else MBR.value
-    if mbr > beam:
-        raise UserError(
-            f"--mbr={mbr} needs a beam of at least {mbr} (the beam is {beam}): "
-            "give --beam, or --mbr=0 for none"
-        )
-    samples = model.train.mbr_samples if MBR_SAMPLES.value is None else MBR_SAMPLES.value
-    if samples and not mbr:
-        if MBR_SAMPLES.value is None:
-            samples = 0  # --mbr=0 turns the workdir's MBR off, samples and all
-        else:
-            raise UserError(f"--mbr_samples={samples} needs --mbr of at least 2 (MBR is off)")
-    return Translator(
-        model.model, model.params, model.vocab, beam_size=beam, alpha=alpha,
-        no_repeat_ngram=ngram, mbr=mbr, mbr_samples=samples,
-        mbr_epsilon=model.train.mbr_epsilon, **options,
-    )  # fmt: skip
+    """A Translator for the loaded model and decode_config(); `options` go to Translator."""
+    return Translator(model.model, model.params, model.vocab, decode_config(model), **options)

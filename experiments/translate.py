@@ -2,8 +2,8 @@ r"""Translate text with a trained model, one output line per input line.
 
   python -m experiments.translate --workdir=DIR < in.txt > out.txt
   python -m experiments.translate --workdir=DIR --input=in.txt --output=out.txt \
-      [--step=N | --average_last=5] [--beam=4 --alpha=0.6 --no_repeat_ngram=0]
-      [--mbr=0 --mbr_samples=0]
+      [--step=N | --average_last=5] [--beam_size=4 --length_penalty=0.6]
+      [--no_repeat_ngram=0 --mbr=0 --mbr_samples=0]
 
 The workdir holds the model config, vocabulary and checkpoints, so nothing
 else is needed. Whatever the input, there is exactly one output line per input

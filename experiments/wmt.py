@@ -18,100 +18,15 @@ import os
 
 from absl import flags, logging
 
-from experiments import cli, model_flags
+from experiments import cli, config_flags, model_flags
 from transformer import config
 
 FLAGS = flags.FLAGS
 
-_HELP = {
-    # data
-    "dataset": "Corpus: " + ", ".join(config.DATASETS),
-    "direction": "source-target languages, e.g. en-de (the paper's) or de-en.",
-    "data_dir": "TFDS data directory (local or gs://); default ~/tensorflow_datasets.",
-    "manual_dir": "Folder with manually downloaded archives (WMT) or the Ding file (de-en).",
-    "batching": "packed: fixed rows holding several examples; bucketed: similar lengths "
-    "under a token budget (the paper's).",
-    "batch_rows": "packed: rows per optimizer step (global, all processes).",
-    "row_length": "packed: tokens per row (source and target each).",
-    "tokens_per_batch": "bucketed: padded tokens per step, source and target each "
-    "(the paper: about 25000).",
-    "vocab_sample_size": "Sentence pairs sampled to train the SentencePiece vocabulary.",
-    "sentence_repeats": "ding_de_en: times each full-sentence pair appears per epoch.",
-    "first_alternative_only": "ding_de_en: phrases keep only the first of their synonymous "
-    "alternatives (sentences keep all).",
-    "subword_sampling": "Probability that a training example's side is segmented by "
-    "another of its n-best SentencePiece segmentations no longer than the best one "
-    "(subword regularization; 0: off).",
-    "data_workers": "Processes producing batches from the prepared token ids (0: auto, a "
-    "quarter of the host's cores up to 16; -1: none, threads in the training process).",
-    "num_threads": "Threads producing batches when there are no --data_workers.",
-    "prefetch_batches": "Batches prepared ahead.",
-    # training
-    "steps": "Optimizer updates (the paper: 100000 base, 300000 big).",
-    "warmup_steps": "Linear warmup of the learning rate (the paper: 4000).",
-    "learning_rate_scale": "Multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).",
-    "lr_decay": "After the warmup: rsqrt (the paper: step^-0.5) or constant (hold the "
-    "peak; pair it with --cooldown_fraction).",
-    "adam_b1": "Adam beta1.",
-    "adam_b2": "Adam beta2.",
-    "adam_eps": "Adam epsilon.",
-    "label_smoothing": "Label smoothing epsilon (the paper: 0.1). Default: the preset's.",
-    "cooldown_fraction": "Decay the learning rate linearly to 0 over this last fraction of "
-    "the run (of --steps, or of --train_minutes when that ends it first); 0: off.",
-    "grad_clip_norm": "Clip gradients to this global norm (0: off).",
-    "grad_accum_steps": "Split each step's batch into this many sequential micro-batches.",
-    "seed": "Seed of initialization, dropout and data order.",
-    "train_minutes": "Stop training after this many minutes (0: run all steps).",
-    "log_every": "Steps between progress lines.",
-    "eval_every": "Steps between validation evaluations (0: only at the end).",
-    "eval_bleu_sentences": "Validation sentences translated for BLEU at each evaluation.",
-    "final_eval_split": "Split translated and scored at the end ('' to skip).",
-    "beam_size": "Beam size for evaluation decoding (the paper: 4).",
-    "length_penalty": "Length penalty alpha (the paper: 0.6).",
-    "no_repeat_ngram": "Decoding never repeats an n-gram of this many subword pieces within "
-    "an output (0: off, the paper's).",
-    "mbr": "Minimum Bayes risk decoding: of the beam's N best outputs, the one with the "
-    "highest mean chrF against all N (0: off, the paper's; N <= beam size).",
-    "mbr_samples": "With --mbr: the mean chrF is against this many outputs sampled from the "
-    "model (epsilon sampling) instead of against the N best (0: the N best).",
-    "mbr_epsilon": "Epsilon of the --mbr_samples: each sampled token has at least this "
-    "probability (0: any token).",
-    "checkpoint_every": "Steps between checkpoints (0: by time only).",
-    "checkpoint_minutes": "Minutes between checkpoints (the paper: 10; 0: by steps only).",
-    "keep_checkpoints": "Checkpoints kept (the paper averages the last 5 base / 20 big).",
-    "nan_policy": "On a non-finite loss: stop (the default) or skip the step.",
-}
-_DATA_FIELDS = [f for f in dataclasses.fields(config.DataConfig) if f.name != "max_len"]
-_TRAIN_FIELDS = list(dataclasses.fields(config.TrainConfig))
-_NO_DEFAULT = ("label_smoothing",)  # None: taken from the preset
-
-
-_CHOICES = {
-    "dataset": list(config.DATASETS),
-    "batching": list(config.BATCHING),
-    "nan_policy": list(config.NAN_POLICIES),
-    "lr_decay": list(config.LR_DECAYS),
-}
-
-
-def _define(field: dataclasses.Field) -> None:
-    """A flag per config field, typed by its default."""
-    name, help_text = field.name, _HELP.get(field.name, field.name)
-    default = None if name in _NO_DEFAULT else field.default
-    if name in _CHOICES:
-        flags.DEFINE_enum(name, default, _CHOICES[name], help_text)
-    elif isinstance(field.default, bool):
-        flags.DEFINE_bool(name, default, help_text)
-    elif isinstance(field.default, int):
-        flags.DEFINE_integer(name, default, help_text)
-    elif isinstance(field.default, float):
-        flags.DEFINE_float(name, default, help_text)
-    else:
-        flags.DEFINE_string(name, default, help_text)
-
-
-for _field in _DATA_FIELDS + _TRAIN_FIELDS:
-    _define(_field)
+config_flags.define(config.DataConfig, skip=("max_len",))  # max_len: the model's
+config_flags.define(config.TrainConfig)
+flags.FLAGS["label_smoothing"].help += " Default: the preset's."
+config_flags.define(config.DecodeConfig)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, vocabulary and logs go.")
 _MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh, e.g. data:-1 or data:2,tensor:4.")
@@ -131,25 +46,20 @@ _CHECK_ONLY = flags.DEFINE_bool(
 )
 
 
-def build_configs() -> tuple[config.ModelConfig, config.DataConfig, config.TrainConfig]:
-    """Validated configs from the flags; ConfigError names the bad flag."""
+def build_configs() -> tuple[
+    config.ModelConfig, config.DataConfig, config.TrainConfig, config.DecodeConfig
+]:
+    """Validated configs from the preset and the flags given; ConfigError names the bad one."""
     model = model_flags.model_config()
-    data = config.DataConfig(
-        **{f.name: FLAGS[f.name].value for f in _DATA_FIELDS}, max_len=model.max_len
-    )
-    train_values = {f.name: FLAGS[f.name].value for f in _TRAIN_FIELDS}
-    if train_values["label_smoothing"] is None:
-        preset_smoothing = config.PRESETS[model_flags.preset_name()].label_smoothing
-        train_values["label_smoothing"] = 0.1 if preset_smoothing is None else preset_smoothing
-    train = config.TrainConfig(**train_values)
-    data.validate()
-    train.validate()
+    data = config_flags.update(config.DataConfig(max_len=model.max_len), skip=("max_len",))
+    train = config_flags.update(config.recipe(model_flags.preset_name()))
+    decode = config_flags.update(config.DecodeConfig())
     if data.batching == "packed" and data.batch_rows % train.grad_accum_steps:
         raise config.ConfigError(
             f"batch_rows ({data.batch_rows}) must be divisible by grad_accum_steps "
             f"({train.grad_accum_steps})"
         )
-    return model, data, train
+    return model, data, train, decode
 
 
 def initialize_distributed() -> None:
@@ -183,7 +93,7 @@ def _resolve_dtype(model: config.ModelConfig) -> config.ModelConfig:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
-    model, data, train = build_configs()
+    model, data, train, decode = build_configs()
     if _CHECK_ONLY.value:
         from transformer import sharding
 
@@ -195,6 +105,7 @@ def main(argv: list[str]) -> None:
                     "model": dataclasses.asdict(model),
                     "data": dataclasses.asdict(data),
                     "train": dataclasses.asdict(train),
+                    "decode": dataclasses.asdict(decode),
                 },
                 indent=2,
             )
@@ -206,14 +117,21 @@ def main(argv: list[str]) -> None:
     import jax
 
     from transformer import sharding
-    from transformer.train import Setup, train_and_evaluate
+    from transformer.loop import Setup, train_and_evaluate
 
     model = _resolve_dtype(model)  # after initialize: measuring starts the backend
     sizes = sharding.parse_mesh(_MESH.value, jax.device_count())
     sharding.check_divisibility(sizes, model, data.batch_rows if data.batching == "packed" else 0)
-    logging.info("model %s, data %s, train %s", model, data, train)
+    logging.info("model %s, data %s, train %s, decode %s", model, data, train, decode)
     setup = Setup(
-        model, train, data, _WORKDIR.value, _MESH.value, _INIT_FROM.value, _FALLBACK.value
+        model=model,
+        train=train,
+        data=data,
+        decode=decode,
+        workdir=_WORKDIR.value,
+        mesh=_MESH.value,
+        init_from=_INIT_FROM.value,
+        fallback_checkpoint=_FALLBACK.value,
     )
     try:
         train_and_evaluate(setup)

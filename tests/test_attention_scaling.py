@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from transformer import attention, scaling
+from transformer import attention
+from transformer.analysis import scaling
 
 D_KS = scaling.DEFAULT_D_KS  # 8 .. 1024
 NUM_KEYS = 64

@@ -53,8 +53,8 @@ def test_packed_arrays_have_right_segments_and_positions():
     )
     np.testing.assert_array_equal(out["targets"][1], [7, 1, 9, 10, 11, 1, 0, 0])
     np.testing.assert_array_equal(out["inputs_segmentation"][1], [1, 1, 1, 2, 2, 0, 0, 0])
-    np.testing.assert_array_equal(out["inputs_position"][1], [0, 1, 2, 0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(out["targets_position"][1], [0, 1, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(out["inputs_positions"][1], [0, 1, 2, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(out["targets_positions"][1], [0, 1, 0, 1, 2, 3, 0, 0])
     np.testing.assert_array_equal(out["targets_segmentation"][2], [1, 1, 0, 0, 0, 0, 0, 0])
     assert not out["targets_segmentation"][0].any()
 

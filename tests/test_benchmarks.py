@@ -9,7 +9,7 @@ import pytest
 @pytest.mark.parametrize(
     "script, args, message",
     [
-        ("decode", ["--beam=4,0"], "--beam takes positive integers"),
+        ("decode", ["--beam_size=4,0"], "--beam_size takes positive integers"),
         ("decode", ["--steps=0"], "--steps=0"),
         ("decode", ["--preset=huge", "--batch=1"], "unknown preset 'huge'"),
         ("train_step", ["--dtype=float16"], "--dtype takes float32 and/or bfloat16"),

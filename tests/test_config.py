@@ -1,5 +1,7 @@
 """Configs: presets, validation, and the one-line errors of the model flags."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -22,7 +24,8 @@ def test_table3_rows_change_only_what_the_paper_changes():
         assert c.num_heads * c.d_k == c.num_heads * c.d_v == 512
     assert config.preset("big").dropout == 0.3
     assert config.preset("learned_pos").positional == "learned"
-    assert config.PRESETS["ls0.2"].label_smoothing == 0.2
+    assert config.recipe("ls0.2").label_smoothing == 0.2
+    assert config.recipe("base").label_smoothing == 0.1
     assert config.preset("ls0.2") == base
 
 
@@ -51,6 +54,20 @@ def test_invalid_model_config_names_the_setting(changes, named):
         ({"label_smoothing": 1.5}, "label_smoothing"),
         ({"grad_accum_steps": 0}, "grad_accum_steps"),
         ({"learning_rate_scale": 0.0}, "learning_rate_scale"),
+        ({"final_eval_split": "train"}, "final_eval_split must be one of"),
+    ],
+)
+def test_invalid_train_config_names_the_setting(changes, named):
+    with pytest.raises(config.ConfigError, match=named):
+        config.TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"beam_size": 0}, "beam_size must be a positive integer"),
+        ({"length_penalty": -0.1}, "length_penalty must be >= 0"),
+        ({"max_extra": 0}, "max_extra must be a positive integer"),
         ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
         ({"mbr": 1}, "from 2 to beam_size=4"),
         ({"mbr": 5}, "from 2 to beam_size=4"),
@@ -59,9 +76,42 @@ def test_invalid_model_config_names_the_setting(changes, named):
         ({"mbr_epsilon": 1.0}, r"mbr_epsilon must be in \[0, 1\)"),
     ],
 )
-def test_invalid_train_config_names_the_setting(changes, named):
+def test_invalid_decode_config_names_the_setting(changes, named):
     with pytest.raises(config.ConfigError, match=named):
-        config.TrainConfig(**changes).validate()
+        config.DecodeConfig(**changes).validate()
+
+
+@pytest.mark.parametrize(
+    "cls", [config.ModelConfig, config.TrainConfig, config.DecodeConfig, config.DataConfig]
+)
+def test_every_setting_has_a_help_line_and_its_default_passes_its_check(cls):
+    for field in dataclasses.fields(cls):
+        assert field.metadata.get("help", "").endswith((".", ")")), field.name
+    cls().validate()
+
+
+def _check_only(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.wmt", "--check_only", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_flags_change_only_what_they_name_over_the_presets(tmp_path):
+    big = _check_only("--preset=big")
+    assert big["model"] == dataclasses.asdict(config.preset("big"))
+    assert big["decode"] == dataclasses.asdict(config.DecodeConfig())
+    # A D row's recipe sets label smoothing; a flag, given or in a flagfile, wins over it.
+    assert _check_only("--preset=ls0.2")["train"]["label_smoothing"] == 0.2
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--preset=ls0.2\n--label_smoothing=0.05\n--beam_size=6\n--dropout=0.3\n")
+    given = _check_only(f"--flagfile={flagfile}")
+    assert given["train"]["label_smoothing"] == 0.05
+    assert given["decode"]["beam_size"] == 6 and given["model"]["dropout"] == 0.3
+    assert given["model"]["d_model"] == 512 and given["train"]["steps"] == 100_000
 
 
 def test_unknown_preset_lists_the_choices():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transformer import decoding
-from transformer.config import BOS_ID, EOS_ID, PAD_ID
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig
 from transformer.model import Transformer
 
 # A second-order Markov "model" over 6 tokens: P(next | before-previous, previous).
@@ -364,7 +364,7 @@ def test_beam_one_equals_greedy_on_the_model(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
     greedy = decoding.decode(model, params, inputs, beam_size=1)
-    step_fn_tokens = decoding.translate(model, params, inputs, beam_size=1)
+    step_fn_tokens = decoding.translate(model, params, inputs, DecodeConfig(beam_size=1))
     np.testing.assert_array_equal(greedy, step_fn_tokens)
     beam_one = _beam_on_model(model, params, inputs, beam_size=1, alpha=0.6)
     for a, b in zip(np.asarray(greedy), np.asarray(beam_one), strict=True):
@@ -391,8 +391,8 @@ def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens
     """Beam 4's hypothesis is never worse by the search's own score than greedy's."""
     model, params = tiny_model
     inputs = sources(make_tokens)
-    beam = np.asarray(decoding.translate(model, params, inputs, beam_size=4, alpha=0.6))
-    greedy = np.asarray(decoding.translate(model, params, inputs, beam_size=1))
+    beam = np.asarray(decoding.translate(model, params, inputs, DecodeConfig()))
+    greedy = np.asarray(decoding.translate(model, params, inputs, DecodeConfig(beam_size=1)))
 
     def score(rows):
         targets = jnp.asarray(rows)
@@ -408,8 +408,8 @@ def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens
 def test_the_first_of_the_n_best_is_the_translation(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
-    one = decoding.translate(model, params, inputs, beam_size=4, alpha=0.6)
-    tokens, scores = decoding.translate(model, params, inputs, beam_size=4, alpha=0.6, n_best=4)
+    one = decoding.translate(model, params, inputs, DecodeConfig())
+    tokens, scores = decoding.translate(model, params, inputs, DecodeConfig(mbr=4))
     assert tokens.shape == (3, 4, one.shape[1]) and scores.shape == (3, 4)
     np.testing.assert_array_equal(tokens[:, 0], one)
     assert (np.diff(np.asarray(scores), axis=1) <= 0).all()
@@ -503,21 +503,25 @@ def test_best_extensions_equal_one_top_k_over_all_candidates():
     np.testing.assert_array_equal(token, flat % 3)
 
 
+def _sampling(samples: int, epsilon: float) -> DecodeConfig:
+    return DecodeConfig(mbr=2, mbr_samples=samples, mbr_epsilon=epsilon)
+
+
 def test_samples_at_a_high_epsilon_are_the_greedy_output(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
     greedy = np.asarray(decoding.decode(model, params, inputs, beam_size=1))
     samples = decoding.sample(
-        model, params, inputs, jax.random.key(0), num_samples=3, epsilon=0.99
+        model, params, inputs, jax.random.key(0), _sampling(3, epsilon=0.99)
     )  # only the most likely token reaches 0.99
     assert samples.shape == (3, 3, greedy.shape[1])
     for row, drawn in zip(greedy, np.asarray(samples), strict=True):
         assert all(trimmed(sample) == trimmed(row) for sample in drawn)
     varied = np.asarray(
-        decoding.sample(model, params, inputs, jax.random.key(0), num_samples=4, epsilon=0.0)
+        decoding.sample(model, params, inputs, jax.random.key(0), _sampling(4, epsilon=0.0))
     )
     for drawn in varied.reshape(12, -1):  # each ends with EOS, then PAD
         assert set(drawn[len(trimmed(drawn)) :]) <= {PAD_ID}
     assert len({trimmed(sample) for sample in varied[0]}) > 1  # an untrained model: diverse
-    again = decoding.sample(model, params, inputs, jax.random.key(0), num_samples=4, epsilon=0.0)
+    again = decoding.sample(model, params, inputs, jax.random.key(0), _sampling(4, epsilon=0.0))
     np.testing.assert_array_equal(varied, again)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_training_args
 
-from transformer import trained
+from transformer import record, trained
 
 
 def _env() -> dict:
@@ -50,7 +50,7 @@ def _steps(workdir) -> list[int]:
 
 
 def _final_params(workdir):
-    config, _, _ = trained.read_configs(str(workdir))
+    config = record.read_configs(str(workdir)).model
     return trained.load_params(str(workdir), config, _steps(workdir)[-1])
 
 
@@ -332,7 +332,7 @@ def test_translate_a_100000_line_file_in_bounded_memory(trained_workdir, tmp_pat
     run_module(
         "experiments.translate",
         f"--workdir={trained_workdir}",
-        "--beam=1",
+        "--beam_size=1",
         f"--input={source}",
         f"--output={out}",
         "--chunk_lines=5000",

@@ -11,8 +11,8 @@ import pytest
 import sacrebleu
 from conftest import run_module
 
-from transformer import decoding, metrics, trained
-from transformer.config import EOS_ID
+from transformer import decoding, metrics, record, trained
+from transformer.config import EOS_ID, DecodeConfig
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
 from transformer.translation import Translator, minimum_bayes_risk
 
@@ -72,7 +72,7 @@ def test_translate_keeps_input_order(trained_workdir):
         "Ein Bäcker kauft einen großen Aal.",
         "Das Mädchen sucht die kaputte Tür.",
     ]
-    args = ("experiments.translate", f"--workdir={trained_workdir}", "--beam=1")
+    args = ("experiments.translate", f"--workdir={trained_workdir}", "--beam_size=1")
     forward = _lines(run_module(*args, stdin="\n".join(sentences).encode() + b"\n").stdout)
     order = [2, 0, 3, 1]
     shuffled = "\n".join(sentences[i] for i in order).encode() + b"\n"
@@ -101,23 +101,24 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
         "Unsere Lehrerin malt die kaputte Tür!",
         "Der alte Mann kauft die Straße.",
     ]
-    plain = Translator(model.model, model.params, model.vocab, beam_size=4).translate(texts)
-    chosen = Translator(model.model, model.params, model.vocab, beam_size=4, mbr=4).translate(texts)
+    translator = lambda d: Translator(model.model, model.params, model.vocab, d)  # noqa: E731
+    plain = translator(DecodeConfig()).translate(texts)
+    chosen = translator(DecodeConfig(mbr=4)).translate(texts)
     ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
     inputs = jnp.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids])
-    tokens, _ = decoding.translate(model.model, model.params, inputs, beam_size=4, n_best=4)
+    tokens, _ = decoding.translate(model.model, model.params, inputs, DecodeConfig(mbr=4))
     n_best = [[model.vocab.decode(row) for row in rows] for rows in np.asarray(tokens)]
     assert [candidates[0] for candidates in n_best] == plain
     assert all(out in candidates for out, candidates in zip(chosen, n_best, strict=True))
     assert chosen != plain  # the consensus is not always the most likely
-    sampled = Translator(
-        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6
-    ).translate(texts)
+    with_samples = DecodeConfig(mbr=4, mbr_samples=6)
+    sampled = translator(with_samples).translate(texts)
     assert all(out in candidates for out, candidates in zip(sampled, n_best, strict=True))
-    again = Translator(
-        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6
-    ).translate(texts)
+    again = translator(with_samples).translate(texts)
     assert again == sampled  # the draws are fixed by the seed
+    batch = np.asarray(inputs, np.int32)
+    draws = lambda d: translator(d)._sample(batch, 0)  # noqa: E731
+    assert not np.array_equal(draws(with_samples), draws(with_samples.replace(mbr_seed=1)))
 
 
 def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, monkeypatch):
@@ -130,15 +131,15 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
     rows_seen = []
     sample = decoding.sample
 
-    def recording(model_, params, inputs, key, **options):
+    def recording(model_, params, inputs, key, decode):
         rows_seen.append(inputs.shape[0])
-        return sample(model_, params, inputs, key, **options)
+        return sample(model_, params, inputs, key, decode)
 
     monkeypatch.setattr(decoding, "sample", recording)
     # 7 sources x 6 samples under 7 x 4 beams: chunks of 4 sources, the last one padded.
-    translator = Translator(
-        model.model, model.params, model.vocab, beam_size=4, mbr=4, mbr_samples=6, mbr_epsilon=0.99
-    )  # only the most likely token reaches 0.99: every sample is the greedy output
+    decode = DecodeConfig(mbr=4, mbr_samples=6, mbr_epsilon=0.99)
+    # Only the most likely token reaches 0.99: every sample is the greedy output.
+    translator = Translator(model.model, model.params, model.vocab, decode)
     drawn = translator._sample(batch, 0)
     assert rows_seen == [4, 4]
     greedy = np.asarray(decoding.decode(model.model, model.params, jnp.asarray(batch), beam_size=1))
@@ -157,17 +158,17 @@ def test_minimum_bayes_risk_picks_the_consensus_candidate():
     samples = ["Xylophones quarrel loudly!", "Xylophones quarrel loud.", agreed]
     assert minimum_bayes_risk(candidates, samples) == 0
     with pytest.raises(ValueError, match="mbr must be 0"):
-        Translator(None, None, None, beam_size=4, mbr=5)
-    with pytest.raises(ValueError, match="mbr_samples must be 0, or > 0 with mbr"):
-        Translator(None, None, None, beam_size=4, mbr_samples=8)
+        Translator(None, None, None, DecodeConfig(mbr=5))
+    with pytest.raises(ValueError, match="mbr_samples needs mbr >= 2"):
+        Translator(None, None, None, DecodeConfig(mbr_samples=8))
     with pytest.raises(ValueError, match="mbr_epsilon must be in"):
-        Translator(None, None, None, beam_size=4, mbr=2, mbr_samples=8, mbr_epsilon=1.0)
+        Translator(None, None, None, DecodeConfig(mbr=2, mbr_samples=8, mbr_epsilon=1.0))
 
 
 def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
     workdir = str(trained_workdir)
-    config, _, _ = trained.read_configs(workdir)
-    assert trained.checkpoint_steps(workdir) == [80, 160, 240]
+    config = record.read_configs(workdir).model
+    assert record.checkpoint_steps(workdir) == [80, 160, 240]
     a = trained.load_params(workdir, config, 160)
     b = trained.load_params(workdir, config, 240)
     output = tmp_path / "avg"
@@ -225,7 +226,7 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
         f"--workdir={trained_workdir}",
         "--split=test",
         "--average_last=2",
-        "--beam=2",
+        "--beam_size=2",
     )
     text = result.stdout.decode()
     assert "the average of steps 160, 240" in text and "not comparable to sacreBLEU" in text
@@ -239,8 +240,8 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
     workdir = tmp_path / "run"
     shutil.copytree(trained_workdir, workdir)
     cfg = json.loads((workdir / "config.json").read_text())
-    assert (cfg["train"]["beam_size"], cfg["train"]["length_penalty"]) != (2, 1.5)
-    cfg["train"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3, mbr=2, mbr_samples=3)
+    assert (cfg["decode"]["beam_size"], cfg["decode"]["length_penalty"]) != (2, 1.5)
+    cfg["decode"].update(beam_size=2, length_penalty=1.5, no_repeat_ngram=3, mbr=2, mbr_samples=3)
     (workdir / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "src.txt").write_text("Der Hund sieht das grüne Haus.\n")
     args = [f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'src.txt'}"]
@@ -250,7 +251,7 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
         "(epsilon 0.02)\n"
     ) in text
     text = run_module(
-        "experiments.evaluate", f"--workdir={workdir}", "--beam=1", "--alpha=0",
+        "experiments.evaluate", f"--workdir={workdir}", "--beam_size=1", "--length_penalty=0",
         "--no_repeat_ngram=0", "--mbr=0", *args,
     ).stdout.decode()  # fmt: skip
     assert "beam 1, alpha 0\n" in text
@@ -279,7 +280,7 @@ def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_p
 
 
 def test_attention_weights_are_distributions_and_causal(trained_workdir):
-    from transformer.attention_maps import attention_weights
+    from transformer.analysis.attention_maps import attention_weights
 
     model = trained.load(str(trained_workdir))
     inputs = np.array([[10, 11, 12, 13, 1]])
@@ -321,12 +322,13 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         ([], "--workdir is required"),
         (["--workdir=/nonexistent"], "not a training workdir"),
         (["--workdir=W", "--step=7"], "no checkpoint at step 7; it has steps 80, 160, 240"),
-        (["--workdir=W", "--beam=0"], "--beam must be >= 1"),
-        (["--workdir=W", "--no_repeat_ngram=-1"], "--no_repeat_ngram must be >= 0"),
-        (["--workdir=W", "--mbr=1"], "--mbr must be 0 (off) or at least 2, got 1"),
-        (["--workdir=W", "--beam=2", "--mbr=3"], "--mbr=3 needs a beam of at least 3"),
-        (["--workdir=W", "--mbr_samples=-1"], "--mbr_samples must be >= 0, got -1"),
-        (["--workdir=W", "--mbr_samples=4"], "--mbr_samples=4 needs --mbr of at least 2"),
+        (["--workdir=W", "--beam_size=0"], "beam_size must be a positive integer, got 0"),
+        (["--workdir=W", "--no_repeat_ngram=-1"], "no_repeat_ngram must be an integer >= 0"),
+        (["--workdir=W", "--mbr=1"], "mbr must be 0 (off) or from 2 to beam_size=4, got 1"),
+        (["--workdir=W", "--beam_size=2", "--mbr=3"], "from 2 to beam_size=2, got 3"),
+        (["--workdir=W", "--mbr_samples=-1"], "mbr_samples must be an integer >= 0, got -1"),
+        (["--workdir=W", "--mbr_samples=4"], "mbr_samples needs mbr >= 2"),
+        (["--workdir=W", "--beam=2"], "Unknown command line flag 'beam'"),
         (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
         (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
     ],
@@ -411,7 +413,7 @@ def test_evaluate_refuses_empty_files_and_warns_about_invalid_utf8(trained_workd
     (tmp_path / "src.txt").write_bytes(b"Das Haus.\nDie Stra\xdfe.\n")
     (tmp_path / "ref.txt").write_bytes(b"The house.\nThe street.\n")
     result = run_module(
-        "experiments.evaluate", f"--workdir={trained_workdir}", "--beam=1",
+        "experiments.evaluate", f"--workdir={trained_workdir}", "--beam_size=1",
         f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
         f"--hypotheses={tmp_path / 'hyp.txt'}",
     )  # fmt: skip

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from transformer import config
-from transformer.params import COMPONENTS, formula_counts, real_counts
+from transformer.analysis.params import COMPONENTS, formula_counts, real_counts
 
 OPTIONS = [
     {},

@@ -20,6 +20,14 @@ def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
+def _epoch_size(plan) -> int:
+    """Batches in epoch 0: the number of the first batch that opens epoch 1."""
+    n = 0
+    while plan.batch(n)[0] == 0:
+        n += 1
+    return n
+
+
 def test_batches_hold_the_corpus_text(train, ding_sample):
     batch = next(train.iterator())
     source = datasets.load_split(ding_sample, "train")
@@ -37,7 +45,7 @@ def test_batches_hold_the_corpus_text(train, ding_sample):
 
 
 def test_one_epoch_covers_the_training_split_once(train):
-    n = train.plan.epoch_size(0)
+    n = _epoch_size(train.plan)
     _, _, rows = zip(*(train.plan.batch(i) for i in range(n)), strict=True)
     placed = np.concatenate([r for batch in rows for r in batch])
     assert sorted(placed.tolist()) == list(range(train.num_examples))
@@ -52,7 +60,7 @@ def test_an_iterator_started_at_batch_n_continues_exactly(train):
 
 def test_batches_from_prepared_ids_equal_batches_tokenized_from_text(train, ding_sample):
     source = datasets.load_split(ding_sample, "train")
-    for n in (0, 3, train.plan.epoch_size(0)):  # the last: epoch 1's first batch
+    for n in (0, 3, _epoch_size(train.plan)):  # the last: epoch 1's first batch
         _, length, rows = train.plan.batch(n)
         example_ids, local = pipeline.local_rows(rows)
         pairs = pipeline.tokenize(train.vocab, source.texts(example_ids), 32)
@@ -100,7 +108,7 @@ def test_worker_processes_produce_the_batches_threads_do(train, ding_sample, tmp
 
 
 def test_epochs_differ_and_continue_past_the_first(train):
-    size = train.plan.epoch_size(0)
+    size = _epoch_size(train.plan)
     it = train.iterator()
     batches = _take(it, size + 1)
     assert train.plan.batch(size)[0] == 1  # batch `size` opens epoch 1
@@ -132,19 +140,27 @@ def test_long_training_examples_are_dropped_and_counted(ding_sample, sample_voca
     assert batch["inputs"].shape[1] == 32  # rows keep their length; examples are short
 
 
-def test_evaluation_keeps_every_example(ding_sample, sample_vocab):
+# 6 cuts both sides of every validation pair; 15 cuts only one side of some.
+@pytest.mark.parametrize("max_len, one_side_cut", [(6, False), (15, True)])
+def test_evaluation_keeps_every_example(ding_sample, sample_vocab, max_len, one_side_cut):
     source = datasets.load_split(ding_sample, "validation")
     batches = pipeline.eval_batches(
-        source, sample_vocab, max_len=6, tokens_per_batch=64, row_multiple=2
+        source, sample_vocab, max_len=max_len, tokens_per_batch=64, row_multiple=2
     )
-    indices = np.concatenate([b["index"] for b in batches])
-    assert sorted(indices[indices >= 0].tolist()) == list(range(len(source)))
+    # Each example once, each side cut to max_len and still EOS-terminated.
+    texts = source.texts(range(len(source)))
+    expected = [tuple(map(tuple, p)) for p in pipeline.tokenize(sample_vocab, texts, max_len)]
+    found = []
     for b in batches:
-        assert b["inputs"].shape[0] % 2 == 0 and b["inputs"].shape[1] <= 8
-        for row, i in enumerate(b["index"]):
-            if i >= 0:  # cut to max_len, still EOS-terminated
-                ids = b["inputs"][row][b["inputs"][row] != 0]
-                assert len(ids) <= 6 and ids[-1] == 1
+        assert b["inputs"].shape[0] % 2 == 0 and b["inputs"].shape[1] <= max(max_len, 8)
+        for src, tgt in zip(b["inputs"], b["targets"], strict=True):
+            if src.any():  # not a padding row
+                found.append((tuple(src[src != 0].tolist()), tuple(tgt[tgt != 0].tolist())))
+    assert sorted(found) == sorted(expected)
+    full = pipeline.tokenize(sample_vocab, texts, 1000)
+    lengths = [sorted((len(s), len(t))) for s, t in full]
+    assert any(long > max_len for _, long in lengths)
+    assert any(short <= max_len < long for short, long in lengths) == one_side_cut
 
 
 def test_epoch_weights_sentences_and_can_drop_later_phrase_alternatives():
@@ -167,7 +183,7 @@ def test_an_epoch_holds_each_example_as_often_as_weighted(ding_sample, sample_vo
     weighted = pipeline.train_data(data, str(tmp_path), 350, max_len=32, seed=0)
     index, plan = weighted.plan.index, weighted.plan
     assert index.sentence.any() and (~index.sentence & (index.alternative > 0)).any()
-    seen = np.concatenate([np.concatenate(plan.batch(n)[2]) for n in range(plan.epoch_size(0))])
+    seen = np.concatenate([np.concatenate(plan.batch(n)[2]) for n in range(_epoch_size(plan))])
     counts = np.bincount(seen.astype(np.int64), minlength=len(index))
     fits = (index.source_lengths <= 32) & (index.target_lengths <= 32)
     expected = np.where(index.sentence, 3, index.alternative == 0) * fits
@@ -232,5 +248,5 @@ def test_subword_sampled_batches_from_workers_equal_those_from_threads(
 
 
 def test_subword_sampling_must_be_a_probability():
-    with pytest.raises(config.ConfigError, match="subword_sampling must be a probability"):
+    with pytest.raises(config.ConfigError, match=r"subword_sampling must be in \[0, 1\]"):
         config.DataConfig(subword_sampling=1.5).validate()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_training_args
 
-from transformer import checkpoint, config, sharding, train
+from transformer import checkpoint, config, record, sharding, train
 from transformer.data import pipeline
 from transformer.model import Transformer
 
@@ -267,7 +267,7 @@ def test_a_relative_workdir_saves_resumes_and_translates(ding_sample, tmp_path):
     resumed = _wmt(*args, "--checkpoint_every=2", "--steps=6", "--workdir=runs/rel", cwd=tmp_path)
     assert "resumed from step 4" in resumed.stdout
     translated = subprocess.run(
-        [sys.executable, "-m", "experiments.translate", "--workdir=runs/rel", "--beam=1"],
+        [sys.executable, "-m", "experiments.translate", "--workdir=runs/rel", "--beam_size=1"],
         input="Das Haus.\n",
         capture_output=True,
         text=True,
@@ -298,7 +298,7 @@ def test_every_shipped_flagfile_validates(name):
         (["--mesh=model:2"], "mesh axis 'model' unknown"),
         (["--label_smoothing=1.5"], "label_smoothing"),
         (["--lr_decay=cosine"], "--lr_decay"),
-        (["--final_eval_split=bogus"], "one of '' (none), validation, test"),
+        (["--final_eval_split=bogus"], "--final_eval_split=bogus: value should be one of"),
         (["--check_only", "--mesh=garbage"], "mesh must look like"),
         (["--check_only", "--mesh=model:2"], "mesh axis 'model' unknown"),
         ([], "--workdir is required"),
@@ -359,21 +359,34 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
 
 
 def test_a_config_json_from_before_a_field_existed_still_resumes(tmp_path):
-    setup = train.Setup(
-        model=config.preset("tiny"), train=config.TrainConfig(), data=config.DataConfig(),
-        workdir=str(tmp_path),
-    )  # fmt: skip
-    train._write_config(setup)
+    configs = record.Configs(
+        config.preset("tiny"), config.DataConfig(), config.TrainConfig(), config.DecodeConfig()
+    )
+    record.write_config(str(tmp_path), configs)
     path = tmp_path / "config.json"
-    record = json.loads(path.read_text())
-    del record["model"]["layer_norm_epsilon"]  # a field with a default: it had that value
-    path.write_text(json.dumps(record))
-    train._write_config(setup)
+    written = json.loads(path.read_text())
+    del written["model"]["layer_norm_epsilon"]  # a field with a default: it had that value
+    path.write_text(json.dumps(written))
+    record.write_config(str(tmp_path), configs)
     assert json.loads(path.read_text())["model"]["layer_norm_epsilon"] == 1e-6
-    del record["model"]["d_model"]  # a shape field has no "then": the model is unknown
-    path.write_text(json.dumps(record))
+    del written["model"]["d_model"]  # a shape field has no "then": the model is unknown
+    path.write_text(json.dumps(written))
     with pytest.raises(checkpoint.CheckpointError, match=r"different config \(d_model\)"):
-        train._write_config(setup)
+        record.write_config(str(tmp_path), configs)
+
+
+def test_a_config_json_with_decoding_in_its_train_record_reads_the_same(tmp_path):
+    # Before DecodeConfig, beam size, length penalty and MBR were TrainConfig fields.
+    decode = config.DecodeConfig(beam_size=8, length_penalty=2.5, mbr=8, mbr_samples=32)
+    configs = record.Configs(
+        config.preset("tiny"), config.DataConfig(), config.TrainConfig(), decode
+    )
+    record.write_config(str(tmp_path), configs)
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    old["train"].update(old.pop("decode"))
+    path.write_text(json.dumps(old))
+    assert record.read_configs(str(tmp_path)) == configs
 
 
 def test_the_loop_anneals_the_learning_rate(ding_sample, tmp_path):
@@ -475,7 +488,7 @@ def test_cpu_bfloat16_instructions_are_read_from_cpuinfo(cpuinfo, expected):
 
 def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
     """Backend compilations (jax.monitoring events) during one in-process training run."""
-    from transformer.train import Setup, train_and_evaluate
+    from transformer.loop import Setup, train_and_evaluate
 
     model_cfg = config.preset("tiny").replace(vocab_size=350, max_len=32)
     data = ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1)
@@ -498,7 +511,7 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        train_and_evaluate(Setup(model_cfg, train_cfg, data, str(workdir), mesh="data:-1"))
+        train_and_evaluate(Setup(model=model_cfg, train=train_cfg, data=data, workdir=str(workdir)))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     return len(compiled)

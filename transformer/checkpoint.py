@@ -248,12 +248,3 @@ def restore_latest(
     if steps:
         raise CheckpointError(f"no readable checkpoint in {mngr.directory}")
     return None
-
-
-def abstract_like(tree, shardings=None):
-    """ShapeDtypeStructs (with shardings) of a tree, for restoring into."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )

@@ -1,14 +1,19 @@
-"""Frozen configurations: the model, its named presets, and the training recipe.
+"""Frozen configurations: the model and its presets, the training recipe, decoding, data.
 
 Everything the library needs arrives through these dataclasses; nothing reads
-flags. `ModelConfig.validate()` is called by the entry points before anything
-is compiled, so a bad setting fails in milliseconds with a message that names it.
+flags. Each setting is declared once, here, with `setting(default, help, ...)`:
+its default, its one-line help (which the entry points show as the flag's help,
+experiments/config_flags.py) and its check. `validate()` runs every field's check
+and the few checks that relate two fields; the entry points call it before
+anything is compiled, so a bad value fails in milliseconds with a message that
+names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 # Special token ids, fixed for every vocabulary the project trains (see
 # transformer/data/vocab.py). Padding must not share an id with anything else:
@@ -18,81 +23,134 @@ EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
 
-DTYPES = ("float32", "bfloat16")
-POSITIONAL = ("sinusoidal", "learned")
-LAYER_NORMS = ("post", "pre")
-
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the setting."""
 
 
+# ----------------------------------------------------------------------------
+# Settings: a default, a help line, a check.
+# ----------------------------------------------------------------------------
+
+# A check returns what is wrong with a value ("must be ..."), or None.
+Check = Callable[[Any], "str | None"]
+
+
+def positive(value) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return None if ok else "must be a positive integer"
+
+
+def non_negative(value) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "must be an integer >= 0"
+
+
+def at_least_zero(value) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def above_zero(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def fraction(value) -> str | None:
+    """[0, 1): dropout rates, label smoothing, Adam's betas."""
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def probability(value) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def setting(default, help: str, *, check: Check | None = None, choices: tuple = ()):
+    """A dataclass field with its help line, its check and its allowed values."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "check": check, "choices": choices}
+    )
+
+
+def check_settings(config) -> None:
+    """Raises ConfigError naming the first field whose value fails its check."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        choices = field.metadata.get("choices")
+        if choices and value not in choices:
+            shown = ", ".join(repr(c) if c else "'' (none)" for c in choices)
+            raise ConfigError(f"{field.name} must be one of {shown}; got {value!r}")
+        check = field.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{field.name} {problem}, got {value!r}")
+
+
+class _Config:
+    """What every config shares: replace() and validate()."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def validate(self):
+        """Raises ConfigError naming the first bad setting; returns self."""
+        check_settings(self)
+        self._check_together()
+        return self
+
+    def _check_together(self) -> None:
+        """Checks that relate several fields (none by default)."""
+
+
+# ----------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16")
+POSITIONAL = ("sinusoidal", "learned")
+LAYER_NORMS = ("post", "pre")
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Config):
     """Shape and options of the encoder-decoder Transformer.
 
     Defaults are the paper's base model (Table 3, first row) with a shared
     source/target vocabulary of 37000 pieces.
     """
 
-    vocab_size: int = 37000
-    d_model: int = 512
-    d_ff: int = 2048
-    num_heads: int = 8
-    d_k: int = 64  # per-head query/key size
-    d_v: int = 64  # per-head value size; separate from d_k (Table 3, row B)
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dropout: float = 0.1  # residual branches and embeddings+positions (P_drop)
-    attention_dropout: float = 0.0  # on the attention weights
-    relu_dropout: float = 0.0  # inside the feed-forward block, after the ReLU
-    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
-    max_len: int = 256  # longest sequence, source or target, in tokens
-    layer_norm: Literal["post", "pre"] = "post"  # post-LN is the paper's
-    share_embeddings: bool = True  # one table for source and target tokens
-    tie_output: bool = True  # pre-softmax projection = target embedding^T
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute; params stay f32
-    remat: bool = False  # recompute layer activations in the backward pass
-    layer_norm_epsilon: float = 1e-6
+    vocab_size: int = setting(37000, "Size of the shared SentencePiece vocabulary.", check=positive)
+    d_model: int = setting(512, "Model width.", check=positive)
+    d_ff: int = setting(2048, "Inner width of the feed-forward blocks.", check=positive)
+    num_heads: int = setting(8, "Attention heads.", check=positive)
+    d_k: int = setting(64, "Per-head query/key size.", check=positive)
+    # Separate from d_k: Table 3's rows (B) shrink the keys only.
+    d_v: int = setting(64, "Per-head value size.", check=positive)
+    num_encoder_layers: int = setting(6, "Encoder layers.", check=positive)
+    num_decoder_layers: int = setting(6, "Decoder layers.", check=positive)
+    dropout: float = setting(
+        0.1, "Dropout on the residual branches and embeddings+positions (P_drop).", check=fraction
+    )
+    attention_dropout: float = setting(0.0, "Dropout on the attention weights.", check=fraction)
+    relu_dropout: float = setting(0.0, "Dropout after the feed-forward ReLU.", check=fraction)
+    positional: Literal["sinusoidal", "learned"] = setting(
+        "sinusoidal", "Positional encoding.", choices=POSITIONAL
+    )
+    max_len: int = setting(256, "Longest source or target sequence, in tokens.", check=positive)
+    layer_norm: Literal["post", "pre"] = setting(
+        "post", "Layer norm placement: post (the paper's) or pre.", choices=LAYER_NORMS
+    )
+    share_embeddings: bool = setting(True, "One embedding table for source and target.")
+    tie_output: bool = setting(True, "Pre-softmax projection tied to the target embedding.")
+    dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "Compute dtype of the matmuls; parameters stay float32.", choices=DTYPES
+    )
+    remat: bool = setting(False, "Recompute layer activations in the backward pass (memory).")
+    layer_norm_epsilon: float = setting(1e-6, "Epsilon of the layer norms.", check=above_zero)
 
-    def validate(self) -> ModelConfig:
-        """Raises ConfigError naming the first bad setting; returns self."""
-        positive = (
-            "vocab_size",
-            "d_model",
-            "d_ff",
-            "num_heads",
-            "d_k",
-            "d_v",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "max_len",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "attention_dropout", "relu_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-        _check_choice("positional", self.positional, POSITIONAL)
-        _check_choice("layer_norm", self.layer_norm, LAYER_NORMS)
-        _check_choice("dtype", self.dtype, DTYPES)
+    def _check_together(self) -> None:
         if self.vocab_size <= UNK_ID:
             raise ConfigError(
                 f"vocab_size must exceed the {UNK_ID + 1} special ids, got {self.vocab_size}"
             )
-        return self
-
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        shown = ", ".join(choice or "'' (none)" for choice in allowed)
-        raise ConfigError(f"{name} must be one of {shown}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -107,19 +165,19 @@ class Preset:
     """A named model, with where it comes from in the paper's Table 3.
 
     `paper_params_m` is the parameter count the paper prints (millions), None
-    where its table leaves the cell empty (the row changes no parameter count
-    or it is not in the paper). `label_smoothing` is set only by the D rows,
-    which vary the training recipe rather than the model.
+    where its table leaves the cell empty. `recipe` holds the TrainConfig
+    settings the row changes: the D rows vary label smoothing, which belongs to
+    training rather than to the model.
     """
 
     model: ModelConfig
     row: str
     paper_params_m: float | None = None
-    label_smoothing: float | None = None
+    recipe: dict = dataclasses.field(default_factory=dict)
 
 
-def _row(row: str, paper: float | None = None, *, label_smoothing=None, **changes) -> Preset:
-    return Preset(BASE.replace(**changes), row, paper, label_smoothing)
+def _row(row: str, paper: float | None = None, *, recipe=None, **changes) -> Preset:
+    return Preset(BASE.replace(**changes), row, paper, recipe or {})
 
 
 PRESETS: dict[str, Preset] = {
@@ -143,8 +201,8 @@ PRESETS: dict[str, Preset] = {
     # (D) regularization: dropout lives in the model, label smoothing in training.
     "drop0": _row("(D) P_drop=0.0", dropout=0.0),
     "drop0.2": _row("(D) P_drop=0.2", dropout=0.2),
-    "ls0": _row("(D) eps_ls=0.0", label_smoothing=0.0),
-    "ls0.2": _row("(D) eps_ls=0.2", label_smoothing=0.2),
+    "ls0": _row("(D) eps_ls=0.0", recipe={"label_smoothing": 0.0}),
+    "ls0.2": _row("(D) eps_ls=0.2", recipe={"label_smoothing": 0.2}),
     # (E) learned positional embeddings instead of sinusoids.
     "learned_pos": _row("(E) learned positions", positional="learned"),
     "big": _row("big", 213, d_model=1024, d_ff=4096, num_heads=16, d_k=64, d_v=64, dropout=0.3),
@@ -174,7 +232,7 @@ PRESETS: dict[str, Preset] = {
             d_v=48,
             num_encoder_layers=3,
             num_decoder_layers=3,
-            dropout=0.0,  # 30 minutes see about one epoch: nothing to regularize yet
+            dropout=0.0,  # the flagfile decides: dropout pays only where a host makes enough steps
             max_len=128,
         ),
         "cpu (demo)",
@@ -213,102 +271,175 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name].model
 
 
+def changed_model(base: ModelConfig, changes: dict) -> ModelConfig:
+    """`base` with `changes`, validated. Where the width or the head count changes and
+    the per-head sizes are not given, d_k = d_v = d_model / num_heads (the paper's
+    convention, Table 3's rows A), so the division must then be exact."""
+    if {"d_model", "num_heads"} & changes.keys():
+        d_model = changes.get("d_model", base.d_model)
+        heads = changes.get("num_heads", base.num_heads)
+        if isinstance(heads, int) and heads > 0 and d_model > 0:  # else validate() names it
+            if d_model % heads and not {"d_k", "d_v"} <= changes.keys():
+                raise ConfigError(
+                    f"--d_model={d_model} is not divisible by --num_heads={heads}; "
+                    "change one of them or give --d_k and --d_v explicitly"
+                )
+            changes = {"d_k": d_model // heads, "d_v": d_model // heads, **changes}
+    return base.replace(**changes).validate()
+
+
 # ----------------------------------------------------------------------------
 # Training recipe.
 # ----------------------------------------------------------------------------
 
-
 NAN_POLICIES = ("stop", "skip")
 LR_DECAYS = ("rsqrt", "constant")
+FINAL_SPLITS = ("", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Config):
     """The optimizer, schedule and loss (the paper's sections 5.3 and 5.4) and the loop."""
 
-    steps: int = 100_000
-    warmup_steps: int = 4000
-    learning_rate_scale: float = 1.0  # multiplies d_model^-0.5 * min(...)
-    # After the warmup: the paper's inverse square root, or hold the peak (with a cooldown).
-    lr_decay: Literal["rsqrt", "constant"] = "rsqrt"
-    adam_b1: float = 0.9
-    adam_b2: float = 0.98
-    adam_eps: float = 1e-9
-    label_smoothing: float = 0.1
-    grad_clip_norm: float = 0.0  # 0 disables clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer update
-    # Linear decay of the learning rate to 0 over this last fraction of the run
-    # (of `steps`, or of `train_minutes` when that ends it first); 0: the paper's schedule.
-    cooldown_fraction: float = 0.0
-    seed: int = 0
+    steps: int = setting(
+        100_000, "Optimizer updates (the paper: 100000 base, 300000 big).", check=positive
+    )
+    warmup_steps: int = setting(
+        4000, "Linear warmup of the learning rate (the paper: 4000).", check=positive
+    )
+    learning_rate_scale: float = setting(
+        1.0, "Multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).", check=above_zero
+    )
+    lr_decay: Literal["rsqrt", "constant"] = setting(
+        "rsqrt",
+        "After the warmup: rsqrt (the paper's step^-0.5) or constant (hold the peak; pair "
+        "it with --cooldown_fraction).",
+        choices=LR_DECAYS,
+    )
+    adam_b1: float = setting(0.9, "Adam beta1.", check=fraction)
+    adam_b2: float = setting(0.98, "Adam beta2.", check=fraction)
+    adam_eps: float = setting(1e-9, "Adam epsilon.", check=above_zero)
+    label_smoothing: float = setting(
+        0.1, "Label smoothing epsilon (the paper: 0.1; Table 3's D rows vary it).", check=fraction
+    )
+    grad_clip_norm: float = setting(
+        0.0, "Clip gradients to this global norm (0: off).", check=at_least_zero
+    )
+    grad_accum_steps: int = setting(
+        1, "Split each step's batch into this many sequential micro-batches.", check=positive
+    )
+    cooldown_fraction: float = setting(
+        0.0,
+        "Decay the learning rate linearly to 0 over this last fraction of the run (of "
+        "--steps, or of --train_minutes when that ends it first); 0: the paper's schedule.",
+        check=probability,
+    )
+    seed: int = setting(0, "Seed of initialization, dropout and data order.")
     # The loop: time budget, logging, evaluation, checkpoints.
-    train_minutes: float = 0.0  # stop after this much wall time in the loop (0: no limit)
-    log_every: int = 100
-    eval_every: int = 1000  # validation loss/BLEU every N steps (0: only at the end)
-    eval_bleu_sentences: int = 200  # validation sentences translated for BLEU (0: none)
-    final_eval_split: str = "test"  # translated in full at the end ("" to skip)
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    no_repeat_ngram: int = 0  # > 0: decoding never repeats an n-gram of pieces (paper: off)
-    mbr: int = 0  # > 1: of the beam's N best outputs, the highest mean chrF (paper: off)
-    mbr_samples: int = 0  # > 0: ... against this many epsilon-sampled outputs, not the N
-    mbr_epsilon: float = 0.02  # sampled tokens have at least this probability
-    checkpoint_every: int = 1000  # steps (0: only by time and at the end)
-    checkpoint_minutes: float = 10.0  # the paper's interval (0: only by steps)
-    keep_checkpoints: int = 5  # the paper averages the last 5 (base) or 20 (big)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    train_minutes: float = setting(
+        0.0, "Stop training after this many minutes (0: run all steps).", check=at_least_zero
+    )
+    log_every: int = setting(100, "Steps between progress lines.", check=positive)
+    eval_every: int = setting(
+        1000, "Steps between validation evaluations (0: only at the end).", check=non_negative
+    )
+    eval_bleu_sentences: int = setting(
+        200, "Validation sentences translated for BLEU at each evaluation.", check=non_negative
+    )
+    final_eval_split: str = setting(
+        "test", "Split translated and scored at the end ('' to skip).", choices=FINAL_SPLITS
+    )
+    checkpoint_every: int = setting(
+        1000, "Steps between checkpoints (0: by time only).", check=non_negative
+    )
+    checkpoint_minutes: float = setting(
+        10.0,
+        "Minutes between checkpoints (the paper: 10; 0: by steps only).",
+        check=at_least_zero,
+    )
+    keep_checkpoints: int = setting(
+        5, "Checkpoints kept (the paper averages the last 5 base / 20 big).", check=positive
+    )
+    nan_policy: Literal["stop", "skip"] = setting(
+        "stop", "On a non-finite loss: stop, or skip the step.", choices=NAN_POLICIES
+    )
 
-    def validate(self) -> TrainConfig:
-        for name in (
-            "steps",
-            "warmup_steps",
-            "grad_accum_steps",
-            "log_every",
-            "keep_checkpoints",
-            "beam_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "eval_bleu_sentences", "checkpoint_every", "no_repeat_ngram"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+def recipe(name: str) -> TrainConfig:
+    """The TrainConfig of a preset: the defaults with the settings its row changes."""
+    preset(name)  # an unknown name lists the choices
+    return TrainConfig(**PRESETS[name].recipe)
+
+
+# ----------------------------------------------------------------------------
+# Decoding.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(_Config):
+    """How text is decoded: beam search (the paper's section 6.1) and the options after it.
+
+    Training writes it to the workdir's config.json and uses it for its
+    evaluations; translate and evaluate start from that record, so a workdir's
+    scores are reproduced unless a flag changes a setting.
+    """
+
+    beam_size: int = setting(4, "Beam size (the paper: 4; 1: greedy decoding).", check=positive)
+    length_penalty: float = setting(
+        0.6, "Length penalty alpha, ((5 + length) / 6)^alpha (the paper: 0.6).", check=at_least_zero
+    )
+    max_extra: int = setting(
+        50,
+        "Outputs end by the input's length plus this many tokens (the paper: 50).",
+        check=positive,
+    )
+    no_repeat_ngram: int = setting(
+        0,
+        "Never repeat an n-gram of this many subword pieces within an output (0: off, the "
+        "paper's).",
+        check=non_negative,
+    )
+    mbr: int = setting(
+        0,
+        "Minimum Bayes risk: of the beam's N best outputs, the one with the highest mean "
+        "chrF against all N (0: off, the paper's; 2 <= N <= beam size).",
+        check=non_negative,
+    )
+    mbr_samples: int = setting(
+        0,
+        "With --mbr: the mean chrF is against this many outputs sampled from the model "
+        "(epsilon sampling) instead of against the N best (0: the N best).",
+        check=non_negative,
+    )
+    mbr_epsilon: float = setting(
+        0.02,
+        "Each token of an --mbr_samples draw has at least this probability (0: any token).",
+        check=fraction,
+    )
+    mbr_seed: int = setting(0, "Seed of the --mbr_samples draws.")
+
+    def describe(self) -> str:
+        """'beam 4, alpha 0.6', and the options that are on."""
+        text = f"beam {self.beam_size}, alpha {self.length_penalty:g}"
+        if self.no_repeat_ngram:
+            text += f", no repeated {self.no_repeat_ngram}-grams"
+        if self.mbr:
+            text += f", MBR (chrF) over the {self.mbr} best"
+        if self.mbr and self.mbr_samples:
+            text += f" against {self.mbr_samples} samples (epsilon {self.mbr_epsilon:g})"
+        return text
+
+    def _check_together(self) -> None:
         if self.mbr and not 2 <= self.mbr <= self.beam_size:
             raise ConfigError(
                 f"mbr must be 0 (off) or from 2 to beam_size={self.beam_size}, got {self.mbr!r}"
             )
-        if not isinstance(self.mbr_samples, int) or self.mbr_samples < 0:
-            raise ConfigError(f"mbr_samples must be an integer >= 0, got {self.mbr_samples!r}")
         if self.mbr_samples and not self.mbr:
             raise ConfigError(
                 "mbr_samples needs mbr >= 2 (the samples judge the beam's N best): "
                 "set mbr, or mbr_samples=0"
             )
-        if not 0.0 <= self.mbr_epsilon < 1.0:
-            raise ConfigError(f"mbr_epsilon must be in [0, 1), got {self.mbr_epsilon!r}")
-        for name in ("train_minutes", "checkpoint_minutes", "grad_clip_norm", "length_penalty"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate_scale <= 0:
-            raise ConfigError(f"learning_rate_scale must be > 0, got {self.learning_rate_scale}")
-        for name in ("adam_b1", "adam_b2", "label_smoothing"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-        if not 0.0 <= self.cooldown_fraction <= 1.0:
-            raise ConfigError(
-                f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction!r}"
-            )
-        if self.adam_eps <= 0:
-            raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
-        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        _check_choice("lr_decay", self.lr_decay, LR_DECAYS)
-        _check_choice("final_eval_split", self.final_eval_split, ("", "validation", "test"))
-        return self
-
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------
@@ -325,8 +456,13 @@ DATASETS = {
 BATCHING = ("packed", "bucketed")
 
 
+def _data_workers(value) -> str | None:
+    ok = isinstance(value, int) and value >= -1
+    return None if ok else "must be -1 (none), 0 (auto) or a count"
+
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Config):
     """Which corpus, which direction, and how examples become batches.
 
     `direction` is "<source>-<target>" in the dataset's language codes, for
@@ -339,71 +475,82 @@ class DataConfig:
     Both are global figures: each process reads its share.
     """
 
-    dataset: str = "wmt14_translate/de-en"
-    direction: str = "en-de"
-    data_dir: str | None = None  # TFDS data directory (local or gs://)
-    manual_dir: str | None = None  # downloaded archives / corpus file
-    max_len: int = 256  # longest training example kept, in tokens (source or target)
-    batching: Literal["packed", "bucketed"] = "packed"
-    batch_rows: int = 64
-    row_length: int = 256
-    tokens_per_batch: int = 25_000
-    vocab_sample_size: int = 2_000_000  # sentence pairs sampled to train SentencePiece
-    # ding_de_en only: how often each full-sentence pair appears per epoch
-    # (phrases appear once), and whether phrases keep only their first alternative.
-    sentence_repeats: int = 1
-    first_alternative_only: bool = False
-    # Subword regularization of training batches: each side of an example is, with
-    # this probability, segmented by one of the vocabulary's other n-best
-    # segmentations that is no longer than its best one (so every planned row
-    # still fits), chosen by a seeded RNG (so batch n is the same after resuming).
-    subword_sampling: float = 0.0
-    # Processes producing batches (grain workers, free of the training process's
-    # GIL); 0 = auto: a quarter of the host's cores, at most 16 (none on a 2-core
-    # host, where threads suffice); -1 = none, threads only.
-    data_workers: int = 0
-    num_threads: int = 2  # threads producing batches when there are no workers
-    prefetch_batches: int = 8
+    dataset: str = setting(
+        "wmt14_translate/de-en", "Corpus (ding_de_en: the CPU one).", choices=tuple(DATASETS)
+    )
+    direction: str = setting("en-de", "source-target languages, e.g. en-de (the paper's).")
+    data_dir: str | None = setting(
+        None, "TFDS data directory (local or gs://); default ~/tensorflow_datasets."
+    )
+    manual_dir: str | None = setting(
+        None, "Folder with manually downloaded archives (WMT) or the Ding file (de-en)."
+    )
+    # The model's max_len: set by the entry point from the ModelConfig, no flag of its own.
+    max_len: int = setting(256, "Longest training example kept, in tokens.", check=positive)
+    batching: Literal["packed", "bucketed"] = setting(
+        "packed",
+        "packed: fixed rows holding several examples; bucketed: similar lengths under a "
+        "token budget (the paper's).",
+        choices=BATCHING,
+    )
+    batch_rows: int = setting(
+        64, "packed: rows per optimizer step (global, all processes).", check=positive
+    )
+    row_length: int = setting(
+        256, "packed: tokens per row (source and target each).", check=positive
+    )
+    tokens_per_batch: int = setting(
+        25_000,
+        "bucketed: padded tokens per step, source and target each (the paper: about 25000).",
+        check=positive,
+    )
+    vocab_sample_size: int = setting(
+        2_000_000, "Sentence pairs sampled to train the SentencePiece vocabulary.", check=positive
+    )
+    # ding_de_en only: phrases appear once per epoch, full sentences this often.
+    sentence_repeats: int = setting(
+        1, "ding_de_en: times each full-sentence pair appears per epoch.", check=positive
+    )
+    first_alternative_only: bool = setting(
+        False,
+        "ding_de_en: phrases keep only the first of their synonymous alternatives "
+        "(sentences keep all).",
+    )
+    # Each side of an example is, with this probability, segmented by one of the
+    # vocabulary's other n-best segmentations that is no longer than its best one
+    # (so every planned row still fits), chosen by a seeded RNG (so batch n is the
+    # same after resuming).
+    subword_sampling: float = setting(
+        0.0,
+        "Probability that a training example's side is segmented by another of its n-best "
+        "SentencePiece segmentations (subword regularization; 0: off).",
+        check=probability,
+    )
+    # Worker processes run free of the training process's GIL; on a 2-core host
+    # threads suffice, hence auto = a quarter of the cores.
+    data_workers: int = setting(
+        0,
+        "Processes producing batches from the prepared token ids (0: auto, a quarter of "
+        "the host's cores up to 16; -1: none, threads in the training process).",
+        check=_data_workers,
+    )
+    num_threads: int = setting(
+        2, "Threads producing batches when there are no --data_workers.", check=positive
+    )
+    prefetch_batches: int = setting(8, "Batches prepared ahead.", check=positive)
 
     def languages(self) -> tuple[str, str]:
         source, _, target = self.direction.partition("-")
         return source, target
 
-    def validate(self) -> DataConfig:
-        _check_choice("dataset", self.dataset, tuple(DATASETS))
-        _check_choice("batching", self.batching, BATCHING)
+    def _check_together(self) -> None:
         a, b = DATASETS[self.dataset]
         if self.direction not in (f"{a}-{b}", f"{b}-{a}"):
             raise ConfigError(
                 f"direction must be {a}-{b} or {b}-{a} for {self.dataset}, got {self.direction!r}"
-            )
-        for name in (
-            "max_len",
-            "batch_rows",
-            "row_length",
-            "tokens_per_batch",
-            "vocab_sample_size",
-            "sentence_repeats",
-            "num_threads",
-            "prefetch_batches",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.data_workers < -1:
-            raise ConfigError(
-                f"data_workers must be -1 (none), 0 (auto) or a count, got {self.data_workers}"
-            )
-        if not 0.0 <= self.subword_sampling <= 1.0:
-            raise ConfigError(
-                f"subword_sampling must be a probability in [0, 1], got {self.subword_sampling!r}"
             )
         if self.batching == "packed" and self.max_len > self.row_length:
             raise ConfigError(
                 f"max_len ({self.max_len}) must not exceed row_length ({self.row_length}) "
                 "when batching is packed: a kept example must fit in a row"
             )
-        return self
-
-    def replace(self, **changes) -> DataConfig:
-        return dataclasses.replace(self, **changes)

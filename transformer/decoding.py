@@ -41,6 +41,7 @@ Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from transformer.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig, ModelConfig
 from transformer.model import Transformer
 
 Cache = Any
@@ -110,7 +111,7 @@ def best_extensions(
     token [B, k]), best first: the top k of alive_logp + log_probs over W x V.
     They are all among each beam's own best k, so two small top-ks (over V per
     beam, then over W x k) replace one over W x V, in the same order (ties go
-    to the lower beam, then the lower token); a third faster on CPU.
+    to the lower beam, then the lower token), and cost less.
     """
     batch, vocab = log_probs.shape[0], log_probs.shape[-1]
     per_beam = min(k, vocab)
@@ -358,8 +359,8 @@ def log_softmax_grouped(logits: jax.Array, sources: int) -> jax.Array:
 
     The same values as over [B*W, V]; the 3-D shape keeps XLA:CPU from fusing
     the normalisation's reductions into the output projection's matmul, which
-    it does for a 2-D matmul + row reduction and which runs ~3x slower (jax
-    0.10: 49 vs 137 ms for [128, 512] x [512, 37000] on 2 cores).
+    it does for a 2-D matmul + row reduction and which runs several times
+    slower (docs/performance.md).
     """
     rows, vocab = logits.shape
     grouped = logits.astype(jnp.float32).reshape(sources, rows // sources, vocab)
@@ -457,46 +458,36 @@ def _compiled_sampler(config: ModelConfig, num_samples: int, epsilon: float, max
 
 
 def sample(
-    model: Transformer,
-    params: Any,
-    inputs: jax.Array,
-    key: jax.Array,
-    *,
-    num_samples: int,
-    epsilon: float = 0.02,
-    max_extra: int = 50,
+    model: Transformer, params: Any, inputs: jax.Array, key: jax.Array, decode: DecodeConfig
 ) -> jax.Array:
-    """`decode_samples`, jitted once per (model config, N, epsilon, input shape)."""
-    compiled = _compiled_sampler(model.config, num_samples, float(epsilon), max_extra)
+    """`decode_samples` of decode.mbr_samples outputs a source, drawn with decode.mbr_epsilon,
+    jitted once per (model config, settings, input shape): tokens [B, N, L]."""
+    compiled = _compiled_sampler(
+        model.config, decode.mbr_samples, float(decode.mbr_epsilon), decode.max_extra
+    )
     return compiled(params, inputs, key)
 
 
 @functools.cache
-def _compiled(
-    config: ModelConfig,
-    beam_size: int,
-    alpha: float,
-    max_extra: int,
-    no_repeat_ngram: int,
-    n_best: int,
-):
-    search = dict(beam_size=beam_size, alpha=alpha, no_repeat_ngram=no_repeat_ngram)
-    function = functools.partial(decode_n_best, n_best=n_best) if n_best else decode
-    return jax.jit(functools.partial(function, Transformer(config), max_extra=max_extra, **search))
+def _compiled(config: ModelConfig, settings: DecodeConfig):
+    search = dict(
+        beam_size=settings.beam_size,
+        alpha=settings.length_penalty,
+        max_extra=settings.max_extra,
+        no_repeat_ngram=settings.no_repeat_ngram,
+    )
+    function = functools.partial(decode_n_best, n_best=settings.mbr) if settings.mbr else decode
+    return jax.jit(functools.partial(function, Transformer(config), **search))
+
+
+PAPER_SEARCH = DecodeConfig()  # beam 4, length penalty 0.6, input + 50
 
 
 def translate(
-    model: Transformer,
-    params: Any,
-    inputs: jax.Array,
-    *,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    max_extra: int = 50,
-    no_repeat_ngram: int = 0,
-    n_best: int = 0,
+    model: Transformer, params: Any, inputs: jax.Array, decode: DecodeConfig = PAPER_SEARCH
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """`decode` (n_best 0) or `decode_n_best`, jitted once per (model config, beam,
-    alpha, n-gram block, n_best, input shape)."""
-    compiled = _compiled(model.config, beam_size, float(alpha), max_extra, no_repeat_ngram, n_best)
-    return compiled(params, inputs)
+    """Beam search as `decode` configures it, jitted once per (model config, search
+    settings, input shape): output ids [B, L], or with decode.mbr = N > 0 the N best
+    and their scores (`decode_n_best`)."""
+    search_only = dataclasses.replace(decode, mbr_samples=0, mbr_epsilon=0.0, mbr_seed=0)
+    return _compiled(model.config, search_only)(params, inputs)

@@ -15,10 +15,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from transformer import metrics, sharding
-from transformer.config import DataConfig, TrainConfig
+from transformer.config import DataConfig, DecodeConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.data.vocab import Vocabulary
 from transformer.model import Transformer
+from transformer.train import eval_step
 from transformer.translation import Translator
 
 EVAL_TOKENS_PER_BATCH = 8192
@@ -30,15 +31,16 @@ class Evaluator:
     def __init__(
         self,
         model: Transformer,
-        data: DataConfig,
         vocab: Vocabulary,
         mesh: Mesh,
+        *,
+        data: DataConfig,
         train: TrainConfig,
+        decode: DecodeConfig,
     ):
-        self.model, self.data, self.vocab, self.mesh, self.train = model, data, vocab, mesh, train
+        self.model, self.vocab, self.mesh = model, vocab, mesh
+        self.data, self.train, self.decode = data, train, decode
         self._batches = None
-        from transformer.train import eval_step  # the loss lives with training
-
         self._step = jax.jit(
             functools.partial(eval_step, model=model, smoothing=train.label_smoothing)
         )
@@ -59,13 +61,7 @@ class Evaluator:
         """Loss, perplexity and accuracy over the whole validation split."""
         totals = {"loss": 0.0, "nll": 0.0, "correct": 0.0, "tokens": 0.0}
         for batch in self._validation_batches():
-            arrays = {k: v for k, v in batch.items() if k != "index"}
-            placed = {
-                k: jax.make_array_from_callback(
-                    v.shape, sharding.batch_sharding(self.mesh), lambda i, v=v: v[i]
-                )
-                for k, v in arrays.items()
-            }
+            placed = sharding.global_batch(self.mesh, batch, process_local=False)
             sums = jax.device_get(self._step(params, placed))
             for k in totals:
                 totals[k] += float(sums[k])
@@ -78,18 +74,7 @@ class Evaluator:
         }
 
     def translator(self, params) -> Translator:
-        return Translator(
-            self.model,
-            params,
-            self.vocab,
-            beam_size=self.train.beam_size,
-            alpha=self.train.length_penalty,
-            no_repeat_ngram=self.train.no_repeat_ngram,
-            mbr=self.train.mbr,
-            mbr_samples=self.train.mbr_samples,
-            mbr_epsilon=self.train.mbr_epsilon,
-            mesh=self.mesh,
-        )
+        return Translator(self.model, params, self.vocab, self.decode, mesh=self.mesh)
 
     def bleu(self, params, split: str, limit: int | None = None) -> tuple[dict, list, list, list]:
         """(scores, sources, hypotheses, references) on the first `limit` examples of a split."""

@@ -73,11 +73,10 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
 
     A peak is what the machine can do: other load (a shared host's steal time)
     only slows a repeat down, so the fastest one is the estimate, not the
-    median (which read 0.08 instead of 0.12 TFLOP/s on a busy 2-core host and
-    made MFU read 96%). bfloat16 inputs accumulate in float32, as the model's
-    matmuls do. Measured once per process. Call it outside any mesh context:
-    under one, jit would run the matmul on every device of the mesh (here: an
-    error instead).
+    median, which a busy host drags down until MFU reads close to 100%.
+    bfloat16 inputs accumulate in float32, as the model's matmuls do. Measured
+    once per process. Call it outside any mesh context: under one, jit would
+    run the matmul on every device of the mesh (here: an error instead).
     """
     x = jax.device_put(jnp.ones((size, size), jnp.dtype(dtype)), jax.local_devices()[0])
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))

@@ -52,8 +52,8 @@ def _einsum_in_natural_order(equation: str, a: jax.Array, b: jax.Array) -> jax.A
     A dot writes [shared batch indices, a's free indices, b's free indices].
     Asking einsum for another order makes XLA:CPU transpose an *operand*
     instead of the small result. For the tied output layer's weight gradient
-    ('BTD,BTV->VD') that operand is the [B*T, V] logits gradient: a 49 MB
-    strided copy that took 10% of the CPU demo's step.
+    ('BTD,BTV->VD') that operand is the [B*T, V] logits gradient, the largest
+    array of the step, copied with strides (docs/performance.md).
     """
     inputs, out = equation.split("->")
     lhs, rhs = inputs.split(",")

@@ -120,10 +120,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded by rows over (data, fsdp)."""
+def global_batch(
+    mesh: Mesh, batch: dict[str, np.ndarray] | np.ndarray, *, process_local: bool = True
+) -> dict[str, jax.Array] | jax.Array:
+    """A batch (a dict of [R, ...] arrays, or one) -> global arrays, rows split over (data, fsdp).
+
+    process_local=True (training): each process holds only its own rows, and
+    the global batch is the processes' rows in process order. False (evaluation,
+    translation): every process holds the same whole batch; each device takes
+    its rows from it.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+    def place(rows: np.ndarray) -> jax.Array:
+        global_shape = None if process_local else rows.shape  # None: inferred from the mesh
+        return jax.make_array_from_process_local_data(sharding, rows, global_shape)
+
+    return jax.tree.map(place, batch)
 
 
 def sharded_init(
@@ -135,9 +148,26 @@ def sharded_init(
     (boxed with logical names). The shapes come from jax.eval_shape, so
     nothing is materialized on one device first.
     """
-    abstract = jax.eval_shape(init_fn, rng)
-    specs = nn.get_partition_spec(abstract)
-    shardings = logical_shardings(mesh, specs)
+    shardings = abstract_init(init_fn, rng, mesh)[1]
     with nn.logical_axis_rules(ACTIVATION_RULES):
         tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return tree, shardings
+
+
+def abstract_init(
+    init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
+) -> tuple[Any, Any]:
+    """What `init_fn(rng)` would make, allocating nothing: (ShapeDtypeStructs that
+    carry their shardings, the shardings). The structs are what a checkpoint is
+    restored into; leaves of `init_fn` may be boxed with logical names."""
+    boxed = jax.eval_shape(init_fn, rng)
+    shardings = logical_shardings(mesh, nn.get_partition_spec(boxed))
+    shapes = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+    return abstract, shardings

@@ -1,10 +1,8 @@
 """A trained model from its workdir: configs, vocabulary and parameters, one or averaged.
 
-Training leaves in its workdir everything that translation needs:
-  config.json          the model, data and training configs
-  vocab.model          the SentencePiece vocabulary
-  checkpoints/<step>   orbax checkpoints (transformer/checkpoint.py)
-so that `load(workdir)` is all a user of a trained model calls.
+Training leaves in its workdir everything that translation needs (its config,
+vocabulary and checkpoints: transformer/workdir.py), so that `load(workdir)` is
+all a user of a trained model calls.
 
 Checkpoint averaging (the paper's section 6.1: the last 5 checkpoints of the
 base model, the last 20 of the big one, written at 10-minute intervals) takes
@@ -16,30 +14,18 @@ entry point loads like any other.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from transformer import checkpoint
+from transformer import checkpoint, record, sharding
 from transformer.checkpoint import CheckpointError
-from transformer.config import DataConfig, ModelConfig, TrainConfig
+from transformer.config import DataConfig, DecodeConfig, ModelConfig
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
 from transformer.model import Transformer
-
-CONFIG_FILE = "config.json"
-
-# Fields that fix the parameters' shapes: a config.json without one of them
-# cannot be read by falling back to the default (other fields can: a workdir
-# written before a field existed trained with its default).
-SHAPE_FIELDS = (
-    "vocab_size", "d_model", "d_ff", "num_heads", "d_k", "d_v",
-    "num_encoder_layers", "num_decoder_layers",
-)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -50,60 +36,13 @@ class Trained:
     params: Any
     vocab: Vocabulary
     data: DataConfig
-    train: TrainConfig
+    decode: DecodeConfig  # what training evaluated with: the default of translate/evaluate
     steps: tuple[int, ...]  # the checkpoint(s) the parameters come from
 
     def describe(self) -> str:
         if len(self.steps) == 1:
             return f"step {self.steps[0]}"
         return f"the average of steps {', '.join(map(str, self.steps))}"
-
-
-def read_configs(workdir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """The configs training wrote to workdir/config.json."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(
-            f"{workdir} is not a training workdir (no {CONFIG_FILE}); "
-            "give the --workdir that experiments.wmt trained in"
-        )
-    record = read_record(path)
-    missing = [name for name in SHAPE_FIELDS if name not in record["model"]]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a training config (its model record lacks {', '.join(missing)}); "
-            "restore it from a copy, or train again in a new --workdir"
-        )
-    try:
-        return (
-            ModelConfig(**record["model"]),
-            DataConfig(**record["data"]),
-            TrainConfig(**record["train"]),
-        )
-    except TypeError as e:  # a field these configs do not have
-        raise CheckpointError(
-            f"{path} is not a training config ({e}); restore it "
-            "from a copy, or train again in a new --workdir"
-        ) from e
-
-
-def read_record(path: epath.Path) -> dict:
-    """A config.json as a dict of its "model", "data" and "train" records."""
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({e}); restore it from a copy, "
-            "or train again in a new --workdir"
-        ) from e
-    if not isinstance(record, dict) or not all(
-        isinstance(record.get(k), dict) for k in ("model", "data", "train")
-    ):
-        raise CheckpointError(
-            f"{path} is not a training config (it needs model, data and train records); "
-            "restore it from a copy, or train again in a new --workdir"
-        )
-    return record
 
 
 def load_vocab(workdir: str, model: ModelConfig) -> Vocabulary:
@@ -124,23 +63,9 @@ def abstract_params(model: ModelConfig) -> Any:
     """ShapeDtypeStructs of the parameters, on the first device."""
     transformer = Transformer(model)
     tokens = jnp.ones((1, 8), jnp.int32)
-    shapes = jax.eval_shape(lambda: transformer.init(jax.random.key(0), tokens, tokens))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nn.unbox(shapes["params"]),
-    )
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps of the workdir's complete checkpoints, oldest first."""
-    if not checkpoint.checkpoint_dir(workdir).exists():
-        return []
-    mngr = checkpoint.manager(workdir, read_only=True)
-    try:
-        return sorted(mngr.all_steps())
-    finally:
-        mngr.close()
+    mesh = sharding.make_mesh(dict.fromkeys(sharding.MESH_AXES, 1), jax.devices()[:1])
+    init = lambda rng: transformer.init(rng, tokens, tokens)["params"]  # noqa: E731
+    return sharding.abstract_init(init, jax.random.key(0), mesh)[0]
 
 
 def load_params(workdir: str, model: ModelConfig, step: int) -> Any:
@@ -153,7 +78,7 @@ def load_params(workdir: str, model: ModelConfig, step: int) -> Any:
 
 def choose_steps(workdir: str, step: int | None = None, average_last: int = 0) -> list[int]:
     """Which checkpoints to use: the latest, a given step, or the last K."""
-    steps = checkpoint_steps(workdir)
+    steps = record.checkpoint_steps(workdir)
     if not steps:
         raise CheckpointError(f"{workdir} has no checkpoint yet; train first or check the path")
     if step is not None:
@@ -193,16 +118,19 @@ def average_params(workdir: str, model: ModelConfig, steps: list[int]) -> Any:
 
 def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Trained:
     """The workdir's model: its latest checkpoint, a given step, or the mean of the last K."""
-    model_cfg, data_cfg, train_cfg = read_configs(workdir)
+    configs = record.read_configs(workdir)
+    model_cfg = configs.model
     vocab = load_vocab(workdir, model_cfg)
     steps = choose_steps(workdir, step, average_last)
     try:
         params = average_params(workdir, model_cfg, steps)
     except CheckpointError as e:
-        others = [s for s in checkpoint_steps(workdir) if s not in steps]
+        others = [s for s in record.checkpoint_steps(workdir) if s not in steps]
         hint = f" (the workdir's other checkpoints: {_listed(others)})" if others else ""
         raise CheckpointError(f"{e}{hint}") from e
-    return Trained(Transformer(model_cfg), params, vocab, data_cfg, train_cfg, tuple(steps))
+    return Trained(
+        Transformer(model_cfg), params, vocab, configs.data, configs.decode, tuple(steps)
+    )
 
 
 def write_average(workdir: str, last: int, output: str) -> Trained:
@@ -215,10 +143,10 @@ def write_average(workdir: str, last: int, output: str) -> Trained:
     out = epath.Path(output)
     if out.resolve() == epath.Path(workdir).resolve():
         raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
-    if (out / checkpoint.CHECKPOINTS).exists() and checkpoint_steps(output):
+    if (out / checkpoint.CHECKPOINTS).exists() and record.checkpoint_steps(output):
         raise CheckpointError(f"{output} already holds checkpoints; choose a new --output")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, VOCAB_FILE):
+    for name in (record.CONFIG_FILE, VOCAB_FILE):
         (out / name).write_bytes((epath.Path(workdir) / name).read_bytes())
     mngr = checkpoint.manager(output, async_save=False)
     step = trained.steps[-1]

@@ -14,7 +14,7 @@ consensus of the list wins over an outlier that happens to score highest.
 With `mbr_samples=M` as well, the stand-in references are M outputs drawn from
 the model by epsilon sampling (Freitag et al., 2023) instead: the mean over
 them estimates a candidate's expected chrF under the model, which the beam's
-N best, all near its mode, estimate with a bias. The draws are fixed by `seed`.
+N best, all near its mode, estimate with a bias. The draws are fixed by `mbr_seed`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from transformer import decoding, sharding
-from transformer.config import EOS_ID
+from transformer.config import EOS_ID, DecodeConfig
 from transformer.data.batching import bucket_length, default_boundaries
 from transformer.data.vocab import Vocabulary
 from transformer.model import Transformer
@@ -46,26 +46,13 @@ class Translator:
     model: Transformer
     params: Any
     vocab: Vocabulary
-    beam_size: int = 4
-    alpha: float = 0.6
-    no_repeat_ngram: int = 0  # > 0: no output repeats an n-gram of subword pieces
-    mbr: int = 0  # > 1: the beam's mbr best outputs, the one of highest expected chrF
-    mbr_samples: int = 0  # > 0: expected chrF against this many sampled outputs
-    mbr_epsilon: float = 0.02  # the samples' tokens have at least this probability
-    seed: int = 0  # of the samples
+    decode: DecodeConfig = DecodeConfig()
     tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
     mesh: Mesh | None = None
     on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
 
     def __post_init__(self):
-        if self.mbr and not 2 <= self.mbr <= self.beam_size:
-            raise ValueError(
-                f"mbr must be 0 (off) or from 2 to beam_size={self.beam_size}, got {self.mbr}"
-            )
-        if self.mbr_samples < 0 or (self.mbr_samples and not self.mbr):
-            raise ValueError(f"mbr_samples must be 0, or > 0 with mbr, got {self.mbr_samples}")
-        if not 0.0 <= self.mbr_epsilon < 1.0:
-            raise ValueError(f"mbr_epsilon must be in [0, 1), got {self.mbr_epsilon}")
+        self.decode.validate()
 
     @property
     def max_source_tokens(self) -> int:
@@ -96,12 +83,13 @@ class Translator:
         ]
         out = [""] * len(texts)
         for number, (batch_indices, batch) in enumerate(self._batches(ids)):
-            if not self.mbr:
+            if not self.decode.mbr:
                 for i, row in zip(batch_indices, self._decode(batch), strict=False):
                     out[i] = self.vocab.decode(row)
                 continue
             tokens, scores = self._decode(batch)
-            samples = self._sample(batch, number) if self.mbr_samples else [None] * len(tokens)
+            drawn = self._sample(batch, number) if self.decode.mbr_samples else None
+            samples = [None] * len(tokens) if drawn is None else drawn
             for i, rows, row_scores, drawn in zip(
                 batch_indices, tokens, scores, samples, strict=False
             ):
@@ -129,36 +117,29 @@ class Translator:
             start += len(chosen)
 
     def _decode(self, batch: np.ndarray) -> Any:
-        search = dict(
-            beam_size=self.beam_size,
-            alpha=self.alpha,
-            no_repeat_ngram=self.no_repeat_ngram,
-            n_best=self.mbr,
-        )
         return self._on_device(
-            lambda inputs: decoding.translate(self.model, self.params, inputs, **search), batch
+            lambda inputs: decoding.translate(self.model, self.params, inputs, self.decode), batch
         )
 
     def _sample(self, batch: np.ndarray, number: int) -> np.ndarray:
-        """[R, mbr_samples, L] sampled outputs; the draws depend on seed and batch number.
+        """[R, mbr_samples, L] sampled outputs; the draws depend on mbr_seed and the batch number.
 
         The batch's sources are sampled a chunk at a time, each chunk as many
         decoder rows (sources x samples) as the beam search's (sources x beams):
-        32 samples of a whole batch at once are 4x the beam's 8 rows a source
-        (the demo's evaluation peaked at 7.8 GiB instead of 2.2).
+        32 samples of a whole batch at once would be 4x the memory of a beam of 8.
         """
         multiple = _row_multiple(self.mesh)
-        rows = self.beam_size * len(batch) // self.mbr_samples // multiple * multiple
+        d = self.decode
+        rows = d.beam_size * len(batch) // d.mbr_samples // multiple * multiple
         rows = min(max(multiple, rows), len(batch))
-        options = dict(num_samples=self.mbr_samples, epsilon=self.mbr_epsilon)
         drawn = []
-        batch_key = jax.random.fold_in(jax.random.key(self.seed), number)
+        batch_key = jax.random.fold_in(jax.random.key(d.mbr_seed), number)
         for chunk, start in enumerate(range(0, len(batch), rows)):
             sources = batch[start : start + rows]
             part = np.zeros((rows, batch.shape[1]), batch.dtype)  # one shape: one compilation
             part[: len(sources)] = sources
             key = jax.random.fold_in(batch_key, chunk)
-            sample = functools.partial(decoding.sample, self.model, self.params, key=key, **options)
+            sample = functools.partial(decoding.sample, self.model, self.params, key=key, decode=d)
             drawn.append(self._on_device(sample, part)[: len(sources)])
         return np.concatenate(drawn)
 
@@ -167,9 +148,7 @@ class Translator:
         if self.mesh is None:
             inputs = jnp.asarray(batch)
         else:
-            inputs = jax.make_array_from_callback(
-                batch.shape, sharding.batch_sharding(self.mesh), lambda index: batch[index]
-            )
+            inputs = sharding.global_batch(self.mesh, batch, process_local=False)
         out = function(inputs)
         if self.mesh is not None and jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)

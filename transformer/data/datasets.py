@@ -62,11 +62,7 @@ def _records(data: DataConfig, split: str):
 
 @dataclasses.dataclass
 class TranslationSource:
-    """Random access to (source text, target text) pairs of one split.
-
-    `record(i)` gives the raw record with its other fields (for ding_de_en:
-    whether the pair is a full sentence), used by the pipeline to weight examples.
-    """
+    """Random access to (source text, target text) pairs of one split."""
 
     records: object  # a tfds/grain random-access data source
     source_lang: str
@@ -93,9 +89,6 @@ class TranslationSource:
             for chunk in self.chunks(indices)
             for r in chunk
         ]
-
-    def record(self, index: int) -> dict:
-        return self.records[index]
 
 
 def as_text(value) -> str:

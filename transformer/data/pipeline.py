@@ -10,10 +10,8 @@ a resumed run sees exactly the batches an uninterrupted one would have seen.
 
 A batch is a dict of int32 arrays, this process's share of the rows:
   inputs, targets                     [R, L] token ids, EOS-terminated, 0-padded
-  inputs_position, targets_position   [R, L] (packed only) position in its example
+  inputs_positions, targets_positions [R, L] (packed only) position in its example
   inputs_segmentation, ...            [R, L] (packed only) 1, 2, ... per example, 0 on padding
-Evaluation batches add `index` [R], the example index of each row (-1 for
-padding rows).
 """
 
 from __future__ import annotations
@@ -150,12 +148,6 @@ class TrainPlan:
             length, rows = self._epochs[epoch][n - self._starts[epoch]]
         return epoch, length, rows
 
-    def epoch_size(self, epoch: int) -> int:
-        """Number of global batches in an epoch."""
-        while len(self._starts) <= epoch + 1:
-            self.batch(self._starts[-1])
-        return self._starts[epoch + 1] - self._starts[epoch]
-
 
 def layout(
     sources: token_ids.Ragged,
@@ -185,8 +177,8 @@ def layout(
         out[name] = np.zeros((len(rows), length), np.int32)
         out[name][at] = side.tokens[np.repeat(begin, n) + position]
         if packed:
-            out[f"{name}_position"] = np.zeros((len(rows), length), np.int32)
-            out[f"{name}_position"][at] = position
+            out[f"{name}_positions"] = np.zeros((len(rows), length), np.int32)
+            out[f"{name}_positions"][at] = position
             out[f"{name}_segmentation"] = np.zeros((len(rows), length), np.int32)
             out[f"{name}_segmentation"][at] = np.repeat(segment, n)
     return out
@@ -380,24 +372,21 @@ def eval_batches(
     max_len: int,
     tokens_per_batch: int,
     row_multiple: int = 1,
-    limit: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """All examples of a split (or the first `limit`), bucketed by length.
+    """All examples of a split, bucketed by length; padding rows are all 0.
 
     Examples longer than max_len are cut to max_len (with a warning), never
-    dropped. Padding rows have index -1.
+    dropped.
     """
-    n = len(source) if limit is None else min(limit, len(source))
+    n = len(source)
     texts = source.texts(range(n))
     pairs = tokenize(vocab, texts, sys.maxsize)
     too_long = sum(max(len(s), len(t)) > max_len for s, t in pairs)
     if too_long:
         logging.warning("%d of %d evaluation examples cut to %d tokens", too_long, n, max_len)
-        pairs = [
-            (s[: max_len - 1] + s[-1:], t[: max_len - 1] + t[-1:])
-            if max(len(s), len(t)) > max_len
-            else (s, t)
-            for s, t in pairs
+        pairs = [  # each long side cut, EOS kept last
+            tuple(ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:] for ids in pair)
+            for pair in pairs
         ]
     src_len = np.asarray([len(s) for s, _ in pairs])
     tgt_len = np.asarray([len(t) for _, t in pairs])
@@ -411,9 +400,4 @@ def eval_batches(
         row_multiple,
     )
     sources, targets = (token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True))
-    batches = []
-    for length, rows in planned:
-        batch = layout(sources, targets, rows, length, packed=False)
-        batch["index"] = np.asarray([int(row[0]) if len(row) else -1 for row in rows], np.int32)
-        batches.append(batch)
-    return batches
+    return [layout(sources, targets, rows, length, packed=False) for length, rows in planned]

@@ -1,0 +1,432 @@
+"""The training loop: resume, iterate, log, evaluate, checkpoint, stop on time or SIGTERM.
+
+`train_and_evaluate(setup)` is the whole of a training run, read top to bottom:
+
+  1. the mesh, the workdir's config.json, the dataset and the batch pipeline;
+  2. the state: resumed from the workdir's latest checkpoint, else initialized
+     (from --init_from's parameters where given), else fresh;
+  3. the steps, until `steps`, the time budget or SIGTERM; every `log_every`
+     steps a progress line, every `eval_every` a validation, checkpoints by
+     steps and by minutes;
+  4. a last checkpoint, then the final evaluation (validation loss, BLEU and
+     chrF on the final split), also written to workdir/results.json.
+
+The step itself is transformer/train.py. Restarting the same command in the
+same workdir continues where it stopped: the batch order is a function of the
+step, so a resumed run sees the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import signal
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from transformer import checkpoint, flops, metrics, record, sharding
+from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
+from transformer.data import datasets, pipeline
+from transformer.evaluation import Evaluator
+from transformer.model import Transformer
+from transformer.train import (
+    TrainState,
+    abstract_state,
+    cooldown_factor,
+    create_state,
+    jit_train_step,
+    make_optimizer,
+)
+
+# Steps dispatched to the devices ahead of the last one known finished. Two keep
+# the device queue full (the next step is queued while one runs) and bound what
+# a save or a SIGTERM has to wait for, whatever the step time.
+MAX_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setup:
+    """What a run is given: the configs, where it writes, and how it is split."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    decode: DecodeConfig = DecodeConfig()
+    workdir: str
+    mesh: str = "data:-1"
+    init_from: str | None = None  # a workdir whose latest parameters start this run
+    fallback_checkpoint: bool = False  # an unreadable newest checkpoint: use an older one
+
+    def configs(self) -> record.Configs:
+        return record.Configs(self.model, self.data, self.train, self.decode)
+
+
+def train_and_evaluate(setup: Setup) -> dict:
+    """Trains until `steps` (or the time budget, or SIGTERM), then evaluates.
+
+    Returns the final figures (also written to workdir/results.json).
+    """
+    sizes = sharding.parse_mesh(setup.mesh, jax.device_count())
+    sharding.check_divisibility(sizes, setup.model, _packed_rows(setup.data))
+    mesh = sharding.make_mesh(sizes)
+    if jax.process_index() == 0:
+        record.write_config(setup.workdir, setup.configs())
+        datasets.prepare(setup.data)
+    multihost_utils.sync_global_devices("dataset prepared")
+    data = pipeline.train_data(
+        setup.data,
+        setup.workdir,
+        setup.model.vocab_size,
+        setup.model.max_len,
+        setup.train.seed,
+        row_multiple=sizes["data"]
+        * sizes["fsdp"]
+        * setup.train.grad_accum_steps
+        // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    model = Transformer(setup.model)
+    optimizer = make_optimizer(setup.model, setup.train)
+    peak, peak_source = flops.device_peak(setup.model.dtype)  # outside the mesh: one device
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+        state, shardings, start = _resume(setup, model, optimizer, mesh)
+        step_fn = jit_train_step(model, optimizer, setup.train, mesh, shardings)
+        run = Run(
+            setup=setup,
+            mesh=mesh,
+            data=data,
+            evaluator=Evaluator(
+                model, data.vocab, mesh, data=setup.data, train=setup.train, decode=setup.decode
+            ),
+            writer=metrics.SummaryWriter(setup.workdir, enabled=jax.process_index() == 0),
+            peak_flops=peak,
+        )
+        say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        results = run.train(state, step_fn, start)
+        run.writer.close()
+    if jax.process_index() == 0:
+        (epath.Path(setup.workdir) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _packed_rows(data: DataConfig) -> int:
+    return data.batch_rows if data.batching == "packed" else 0
+
+
+# ----------------------------------------------------------------------------
+# Where a run starts
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    step: int = 0
+    train_seconds: float = 0.0  # training time of the runs before this one
+
+
+def _resume(setup: Setup, model, optimizer, mesh) -> tuple[TrainState, object, Start]:
+    """The workdir's latest checkpoint, else --init_from's parameters, else a fresh state.
+
+    -> (state, its shardings, where this run starts).
+    """
+    abstract, shardings = abstract_state(model, optimizer, setup.train.seed, mesh)
+    mngr = checkpoint.manager(setup.workdir, setup.train.keep_checkpoints)
+    restored = checkpoint.restore_latest(
+        mngr, abstract.params, abstract.opt_state, fallback=setup.fallback_checkpoint
+    )
+    mngr.close()
+    if restored is not None:
+        meta = restored.meta
+        state = TrainState(
+            step=jnp.asarray(meta["step"], jnp.int32),
+            params=restored.params,
+            opt_state=restored.opt_state,
+            rng=jnp.asarray(meta["rng"], jnp.uint32),
+        )
+        say(f"resumed from step {restored.step} ({mngr.directory})")
+        start = Start(restored.step, float(meta.get("train_seconds", 0.0)))
+        return jax.device_put(state, shardings), shardings, start
+    state, shardings = create_state(model, optimizer, setup.train.seed, mesh)
+    if setup.init_from:
+        source = checkpoint.manager(setup.init_from, read_only=True)
+        loaded = checkpoint.restore_latest(source, abstract.params)
+        source.close()
+        if loaded is None:
+            raise checkpoint.CheckpointError(f"--init_from={setup.init_from} has no checkpoint")
+        state = state.replace(params=loaded.params)
+        say(f"initialized parameters from {setup.init_from} step {loaded.step}")
+    return state, shardings, Start()
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class Run:
+    """The parts a run's loop works with, built once by train_and_evaluate."""
+
+    setup: Setup
+    mesh: jax.sharding.Mesh
+    data: pipeline.TrainData
+    evaluator: Evaluator
+    writer: metrics.SummaryWriter
+    peak_flops: float
+
+    def train(self, state: TrainState, step_fn, start: Start) -> dict:
+        """Steps from `start` until the run ends, then the final evaluation -> results."""
+        cfg = self.setup.train
+        clock = Clock(cfg, start.train_seconds)
+        saver = Saver(self.setup, start.step)
+        preemption = Preemption(start.step)
+        progress = Progress(self.setup, self.writer, self.peak_flops)
+        in_flight: collections.deque = collections.deque()  # a metric of each unfinished step
+        step_flops = _cached_step_flops(self.setup.model)
+        step = start.step
+        # Batch n is a function of n: the data position is the step (one batch a step).
+        iterator = self.data.iterator(start=step)
+        batch = sharding.global_batch(self.mesh, next(iterator))
+        try:
+            while step < cfg.steps and not preemption.requested:
+                left = clock.minutes_left(step)
+                if left is not None and left <= 0:
+                    say(f"time budget of {cfg.train_minutes:g} minutes used at step {step}")
+                    break
+                state, step_metrics = step_fn(
+                    state, batch, np.float32(cooldown_factor(cfg, step, left))
+                )
+                step += 1
+                rows, length = batch["targets"].shape
+                progress.add(step_metrics, step_flops(rows, batch["inputs"].shape[1], length))
+                in_flight.append(step_metrics["loss"])
+                if step == start.step + 1:  # once: the compilation is in this first step
+                    jax.block_until_ready(step_metrics["loss"])
+                    say(f"first step compiled and ran in {clock.run_seconds():.1f}s")
+                if step < cfg.steps:  # the next batch goes to the devices while this step runs
+                    batch = sharding.global_batch(self.mesh, next(iterator))
+                if len(in_flight) > MAX_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
+                    preemption.completed = step - len(in_flight)
+                if step % cfg.log_every == 0:
+                    progress.report(step, clock.minutes_left(step))
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    with clock.paused():
+                        self.writer.write(
+                            step, self.evaluator.validate(state.params), prefix="eval/"
+                        )
+                if saver.due(step):
+                    saver.save(step, state, clock.training_seconds())
+        except FloatingPointError as e:
+            saver.close()
+            raise FloatingPointError(
+                f"{e}; stopped without saving: the last good checkpoint is step "
+                f"{saver.saved_step}. Lower --learning_rate_scale, set --grad_clip_norm, "
+                "or use --nan_policy=skip"
+            ) from None
+        finally:
+            iterator.close()  # stops grain's worker processes, if any
+        if progress.pending:
+            progress.report(step, clock.minutes_left(step))
+        if step != saver.saved_step:
+            saver.save(step, state, clock.training_seconds())
+        saver.close()
+        train_minutes = clock.training_seconds() / 60
+        if preemption.requested:
+            return {"step": step, "preempted": True, "train_minutes": train_minutes}
+        results = {"step": step, "train_minutes": train_minutes}
+        results.update(self.evaluator.final(state.params))
+        final = {k: v for k, v in results.items() if isinstance(v, float)}
+        self.writer.write(step, final, "final/")
+        return results
+
+
+def _cached_step_flops(model: ModelConfig):
+    """(rows, source length, target length) -> FLOPs of a step, computed once per shape."""
+
+    @functools.cache
+    def step_flops(rows: int, source_length: int, target_length: int) -> float:
+        return flops.train_step_flops(model, rows, source_length, target_length)
+
+    return step_flops
+
+
+class Clock:
+    """Training time: this run's and the runs' before it, evaluations excluded.
+
+    With several processes the time budget is process 0's clock, fetched every
+    10 steps at the same steps everywhere, so that all stop and anneal alike.
+    """
+
+    def __init__(self, train: TrainConfig, earlier_seconds: float):
+        self.budget_minutes = train.train_minutes
+        self.earlier = earlier_seconds
+        self.start = time.monotonic()
+        self.excluded = 0.0
+        self.shared: float | None = None
+
+    def run_seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def training_seconds(self) -> float:
+        return self.earlier + self.run_seconds() - self.excluded
+
+    def minutes_left(self, step: int) -> float | None:
+        """Of the time budget (None without one)."""
+        if not self.budget_minutes:
+            return None
+        seconds = self.training_seconds()
+        if jax.process_count() > 1:
+            if step % 10 == 0 or self.shared is None:
+                self.shared = float(multihost_utils.broadcast_one_to_all(np.float32(seconds)))
+            seconds = self.shared
+        return self.budget_minutes - seconds / 60
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count as training (evaluations)."""
+        begin = time.monotonic()
+        try:
+            yield
+        finally:
+            self.excluded += time.monotonic() - begin
+
+
+class Saver:
+    """Checkpoints by steps and by minutes; remembers the last step saved."""
+
+    def __init__(self, setup: Setup, start_step: int):
+        self.train = setup.train
+        self.mngr = checkpoint.manager(setup.workdir, self.train.keep_checkpoints)
+        self.saved_step, self.last_save = start_step, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        every, minutes = self.train.checkpoint_every, self.train.checkpoint_minutes
+        by_steps = every and step % every == 0
+        by_time = minutes and time.monotonic() - self.last_save >= 60 * minutes
+        return bool(by_steps or by_time)
+
+    def save(self, step: int, state: TrainState, train_seconds: float) -> None:
+        meta = {
+            "step": step,
+            "rng": state.rng,
+            "data": {"next_index": step},  # what earlier versions resume from
+            "train_seconds": train_seconds,
+        }
+        checkpoint.save(self.mngr, step, state.params, state.opt_state, meta)
+        self.saved_step, self.last_save = step, time.monotonic()
+
+    def close(self) -> None:
+        """Waits for an asynchronous save to finish."""
+        checkpoint.wait(self.mngr)
+        checkpoint.close(self.mngr)
+
+
+class Preemption:
+    """Turns SIGTERM (a spot VM's preemption notice) into a flag the loop checks.
+
+    `completed` is the last step the devices have finished, kept up to date by
+    the loop; with at most MAX_IN_FLIGHT steps queued behind it, the checkpoint
+    saved after a signal is at most MAX_IN_FLIGHT + 1 steps later.
+    """
+
+    def __init__(self, completed: int):
+        self.requested, self.completed = False, completed
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        say(f"SIGTERM received after step {self.completed}: saving a checkpoint and stopping")
+        self.requested = True
+
+
+# ----------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------
+
+
+def say(message: str) -> None:
+    """A line for the person running training (process 0 only)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Collects step metrics (as device arrays) and reports them every `log_every` steps."""
+
+    def __init__(self, setup: Setup, writer: metrics.SummaryWriter, peak_flops: float):
+        self.train, self.writer, self.peak = setup.train, writer, peak_flops
+        self.pending: list[tuple[dict, float]] = []  # (metrics, FLOPs) of each step
+        self.last_time = time.monotonic()
+
+    def add(self, step_metrics: dict, step_flops: float) -> None:
+        self.pending.append((step_metrics, step_flops))
+
+    def report(self, step: int, minutes_left: float | None) -> dict:
+        """Fetches the pending metrics, prints one line, writes the summaries.
+
+        Raises FloatingPointError if a step was not finite and the policy is stop.
+        """
+        fetched = jax.device_get([m for m, _ in self.pending])
+        now = time.monotonic()
+        elapsed = max(now - self.last_time, 1e-9)
+        self.last_time = now
+        first = step - len(fetched) + 1
+        bad = [first + i for i, m in enumerate(fetched) if m["nonfinite"]]
+        if bad and self.train.nan_policy == "stop":
+            raise FloatingPointError(f"loss or gradients not finite at step {bad[0]}")
+        summary = _summarize(fetched, elapsed)
+        summary["mfu"] = sum(f for _, f in self.pending) / elapsed / self.peak
+        self.pending = []
+        eta = (self.train.steps - step) / summary["steps_per_second"]
+        if minutes_left is not None:
+            eta = min(eta, minutes_left * 60)
+        say(
+            f"step {step}/{self.train.steps} | loss {summary['loss']:.3f} | "
+            f"acc {100 * summary['accuracy']:.1f}% | ppl {summary['perplexity']:.2f} | "
+            f"lr {summary['learning_rate']:.2e} | gnorm {summary['grad_norm']:.2f} | "
+            f"{summary['steps_per_second']:.2f} steps/s | "
+            f"{summary['target_tokens_per_second']:,.0f} tgt tok/s | "
+            f"MFU {100 * summary['mfu']:.1f}% | ETA {format_duration(eta)}"
+        )
+        self.writer.write(step, summary, prefix="train/")
+        return summary
+
+
+def _summarize(fetched: list[dict], elapsed: float) -> dict:
+    """Means and rates over the steps of one report."""
+    total = {
+        k: float(np.sum([m[k] for m in fetched]))
+        for k in ("target_tokens", "source_tokens", "nonfinite")
+    }
+    mean = {
+        k: float(np.mean([m[k] for m in fetched]))
+        for k in ("loss", "nll", "accuracy", "learning_rate", "grad_norm")
+    }
+    return {
+        **mean,
+        "perplexity": math.exp(min(mean["nll"], 50)),
+        "steps_per_second": len(fetched) / elapsed,
+        "target_tokens_per_second": total["target_tokens"] / elapsed,
+        "tokens_per_second": (total["target_tokens"] + total["source_tokens"]) / elapsed,
+        "skipped_steps": int(total["nonfinite"]),
+    }
