@@ -22,13 +22,13 @@ import contextlib
 import os
 import re
 import sys
-import time
 from collections.abc import Iterator
 from typing import BinaryIO, TextIO
 
 from absl import flags
 
 from experiments import cli, trained_flags
+from transformer.progress import Meter
 from transformer.translation import Translator
 
 INPUT = flags.DEFINE_string("input", None, "File to translate (default: stdin).")
@@ -62,25 +62,6 @@ def one_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", text)
 
 
-class ProgressBar:
-    """`[#####     ] 520/1000 lines, 43.2 lines/s` on stderr, redrawn in place on a terminal."""
-
-    def __init__(self, total: int | None):
-        self.total, self.done, self.start = total, 0, time.monotonic()
-        self.redraw = sys.stderr.isatty()
-
-    def advance(self, lines: int) -> None:
-        self.done += lines
-        rate = self.done / max(time.monotonic() - self.start, 1e-9)
-        if self.total:
-            filled = int(30 * self.done / self.total)
-            bar = f"[{'#' * filled}{' ' * (30 - filled)}] {self.done}/{self.total}"
-        else:
-            bar = f"{self.done}"
-        end = "\r" if self.redraw and self.done != self.total else "\n"
-        print(f"{bar} lines, {rate:.1f} lines/s", end=end, file=sys.stderr, flush=True)
-
-
 def _count_lines(path: str) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
@@ -90,10 +71,19 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def _chunk_progress(meter: Meter, before: int, size: int):
+    """(sentences done, of) within a chunk of `size` lines -> lines done in all."""
+    return lambda done, of: meter.update(before + size * done // max(of, 1), meter.total)
+
+
 def translate_stream(
-    translator: Translator, source: BinaryIO, sink: TextIO, chunk_lines: int, progress
+    translator: Translator, source: BinaryIO, sink: TextIO, chunk_lines: int, meter
 ) -> int:
-    """Translates every line of `source` into `sink`; returns the number of lines."""
+    """Translates every line of `source` into `sink`; returns the number of lines.
+
+    `meter` (a progress.Meter, or None) counts lines, a chunk's in proportion to
+    the share of its sentences translated so far.
+    """
     total = 0
     for chunk in read_chunks(source, chunk_lines):
         for number, _, invalid in chunk:
@@ -104,12 +94,16 @@ def translate_stream(
             f"line {numbers[i]}: longer than the model's "
             f"{translator.max_source_tokens} tokens, translated in {pieces} pieces"
         )
+        if meter is not None:
+            translator.on_progress = _chunk_progress(meter, total, len(chunk))
         outputs = translator.translate([text for _, text, _ in chunk])
         sink.writelines(one_line(out) + "\n" for out in outputs)
         sink.flush()
         total += len(chunk)
-        if progress is not None:
-            progress.advance(len(chunk))
+        if meter is not None:
+            meter.update(total, meter.total)
+    if meter is not None:
+        meter.finish()
     return total
 
 
@@ -127,7 +121,9 @@ def main(argv: list[str]) -> None:
         cli.check_output_file("output", OUTPUT.value)
     model = trained_flags.load()
     translator = trained_flags.translator(model, tokens_per_batch=TOKENS_PER_BATCH.value)
-    progress = ProgressBar(_count_lines(INPUT.value)) if INPUT.value else None
+    meter = None
+    if INPUT.value:  # on stderr: stdout may be carrying the translations
+        meter = Meter("translating", _count_lines(INPUT.value), "lines", stream=sys.stderr)
     # A named output is written beside its place and renamed when complete:
     # an interrupted run leaves an earlier file of that name untouched.
     partial = f"{OUTPUT.value}.partial" if OUTPUT.value else None
@@ -141,7 +137,7 @@ def main(argv: list[str]) -> None:
             else:
                 sys.stdout.reconfigure(encoding="utf-8")
                 sink = sys.stdout
-            lines = translate_stream(translator, source, sink, CHUNK_LINES.value, progress)
+            lines = translate_stream(translator, source, sink, CHUNK_LINES.value, meter)
         if partial:
             os.replace(partial, OUTPUT.value)
     except BaseException:  # a full disk, Ctrl-C: no half-written file is left behind

@@ -73,12 +73,17 @@ def test_builder_splits_are_disjoint_and_sentence_only(ding_sample):
     assert not any("{" in de or "[" in de or "<" in de for de, _ in splits["train"])
 
 
-def test_builder_is_deterministic(ding_sample, tmp_path):
+def test_builder_is_deterministic(ding_sample, tmp_path, capsys):
     again = ding_sample.replace(data_dir=str(tmp_path))
     datasets.prepare(again)
     first, second = _split_texts(ding_sample), _split_texts(again)
     for split in datasets.SPLITS:
         assert sorted(first[split]) == sorted(second[split])
+    # The build reports each split it writes, ending with the whole count.
+    out = capsys.readouterr().out
+    for split in datasets.SPLITS:
+        n = len(second[split])
+        assert f"writing ding_de_en's {split} split: {n:,}/{n:,} pairs" in out, out
 
 
 def test_an_unbuilt_dataset_leaves_no_temporary_folder(monkeypatch, tmp_path):

@@ -121,6 +121,20 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
     assert not np.array_equal(draws(with_samples), draws(with_samples.replace(mbr_seed=1)))
 
 
+def test_translating_reports_its_progress_batch_by_batch(trained_workdir):
+    model = trained.load(str(trained_workdir))
+    texts = ["Der Hund.", "Die Katze malt die Straße!", "", "Der Hund.", "Ein Bäcker kauft Aal."]
+    calls = []
+    translator = Translator(
+        model.model, model.params, model.vocab, DecodeConfig(beam_size=2),
+        tokens_per_batch=16, on_progress=lambda done, of: calls.append((done, of)),
+    )  # fmt: skip
+    translator.translate(texts)
+    # Three distinct non-empty texts in batches of at most 16 tokens: more than one batch.
+    assert len(calls) > 1 and calls[-1] == (3, 3)
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})
+
+
 def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, monkeypatch):
     model = trained.load(str(trained_workdir))
     texts = ["Der Hund sieht das Haus.", "Die Katze malt.", "Ein Bäcker kauft einen Aal.",

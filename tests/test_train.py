@@ -1,5 +1,6 @@
 """Training: schedule, loss, steps on 1 and 8 devices, accumulation, resume, flags."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ import pytest
 from conftest import tiny_training_args
 
 from transformer import checkpoint, config, record, sharding, train
-from transformer.data import pipeline
+from transformer.data import datasets, pipeline
 from transformer.model import Transformer
 
 # ----------------------------------------------------------------------------
@@ -356,6 +357,42 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     assert "resumed from step 2" in resumed.stdout
     model = json.loads((tmp_path / "config.json").read_text())["model"]
     assert model["dtype"] == "bfloat16" and model["remat"] is True
+
+
+def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):
+    # A vocabulary size of its own: this run trains a vocabulary and tokenizes the split.
+    args = [*_tiny_args(ding_sample, tmp_path, 2), "--vocab_size=340", "--final_eval_split=test"]
+    out = _wmt(*args).stdout
+    tests = len(datasets.load_split(ding_sample, "test"))
+    for line in (
+        "training a 340-piece SentencePiece vocabulary on",
+        "reading the vocabulary's sample: ",
+        "vocabulary of 340 pieces written to",
+        "tokenizing the train split: ",
+        f"translating the test split: {tests}/{tests} sentences",
+    ):
+        assert line in out, out
+
+
+def test_a_slow_host_trains_without_dropout(tmp_path, capsys):
+    from transformer.loop import Setup, fit_recipe_to_host
+
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
+    model = config.preset("tiny").replace(dropout=0.1, relu_dropout=0.1, max_len=32)
+    data = config.DataConfig(batch_rows=8, row_length=32, max_len=32)
+    recipe = config.TrainConfig(train_minutes=0.01, dropout_min_steps=10_000)
+    setup = Setup(model=model, train=recipe, data=data, workdir=str(tmp_path))
+    slow = fit_recipe_to_host(setup, mesh)  # 0.6 s buys no tiny model 10,000 steps
+    assert (slow.model.dropout, slow.model.relu_dropout) == (0.0, 0.0)
+    assert slow.model.replace(dropout=0.1, relu_dropout=0.1) == model
+    assert "training without dropout" in capsys.readouterr().out
+    ample = dataclasses.replace(setup, train=recipe.replace(train_minutes=600, dropout_min_steps=2))
+    assert fit_recipe_to_host(ample, mesh).model == model
+    assert "dropout 0.1 kept" in capsys.readouterr().out
+    # A resumed run keeps what its workdir recorded, whatever the host measures now.
+    record.write_config(str(tmp_path), slow.configs())
+    assert fit_recipe_to_host(ample, mesh).model == slow.model
+    assert capsys.readouterr().out == ""
 
 
 def test_a_config_json_from_before_a_field_existed_still_resumes(tmp_path):

@@ -334,6 +334,14 @@ class TrainConfig(_Config):
         "--steps, or of --train_minutes when that ends it first); 0: the paper's schedule.",
         check=probability,
     )
+    # Dropout pays once a model has seen its training data a few times; a slow host
+    # that makes few steps in its time budget does better without it.
+    dropout_min_steps: int = setting(
+        0,
+        "With --train_minutes: if this host, timed on the run's batch before training, "
+        "would make fewer steps than this in the budget, train without dropout (0: off).",
+        check=non_negative,
+    )
     seed: int = setting(0, "Seed of initialization, dropout and data order.")
     # The loop: time budget, logging, evaluation, checkpoints.
     train_minutes: float = setting(

@@ -19,6 +19,7 @@ from transformer.config import DataConfig, DecodeConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.data.vocab import Vocabulary
 from transformer.model import Transformer
+from transformer.progress import Meter
 from transformer.train import eval_step
 from transformer.translation import Translator
 
@@ -73,17 +74,26 @@ class Evaluator:
             "accuracy": totals["correct"] / tokens,
         }
 
-    def translator(self, params) -> Translator:
-        return Translator(self.model, params, self.vocab, self.decode, mesh=self.mesh)
+    def translator(self, params, on_progress=None) -> Translator:
+        return Translator(
+            self.model, params, self.vocab, self.decode, mesh=self.mesh, on_progress=on_progress
+        )
 
     def bleu(self, params, split: str, limit: int | None = None) -> tuple[dict, list, list, list]:
-        """(scores, sources, hypotheses, references) on the first `limit` examples of a split."""
+        """(scores, sources, hypotheses, references) on the first `limit` examples of a split.
+
+        A whole split shows its progress (sentences done, rate, ETA).
+        """
         source = datasets.load_split(self.data, split)
         n = len(source) if limit is None else min(limit, len(source))
         pairs = source.texts(range(n))
         sources = [s for s, _ in pairs]
         references = [t for _, t in pairs]
-        hypotheses = self.translator(params).translate(sources)
+        meter = None if limit else Meter(f"translating the {split} split", None, "sentences")
+        translator = self.translator(params, None if meter is None else meter.update)
+        hypotheses = translator.translate(sources)
+        if meter is not None:
+            meter.finish()
         lang = self.data.languages()[1]
         return (
             metrics.evaluate_translations(hypotheses, references, lang),

@@ -40,6 +40,7 @@ from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfi
 from transformer.data import datasets, pipeline
 from transformer.evaluation import Evaluator
 from transformer.model import Transformer
+from transformer.progress import format_duration, say
 from transformer.train import (
     TrainState,
     abstract_state,
@@ -47,6 +48,7 @@ from transformer.train import (
     create_state,
     jit_train_step,
     make_optimizer,
+    seconds_per_step,
 )
 
 # Steps dispatched to the devices ahead of the last one known finished. Two keep
@@ -80,6 +82,7 @@ def train_and_evaluate(setup: Setup) -> dict:
     sizes = sharding.parse_mesh(setup.mesh, jax.device_count())
     sharding.check_divisibility(sizes, setup.model, _packed_rows(setup.data))
     mesh = sharding.make_mesh(sizes)
+    setup = fit_recipe_to_host(setup, mesh)
     if jax.process_index() == 0:
         record.write_config(setup.workdir, setup.configs())
         datasets.prepare(setup.data)
@@ -123,6 +126,39 @@ def train_and_evaluate(setup: Setup) -> dict:
 
 def _packed_rows(data: DataConfig) -> int:
     return data.batch_rows if data.batching == "packed" else 0
+
+
+def fit_recipe_to_host(setup: Setup, mesh) -> Setup:
+    """No dropout where the time budget buys fewer than `dropout_min_steps` steps.
+
+    Decided once, when the workdir is new, from the compiled step timed on a
+    batch of the run's shape; a resumed run keeps what its config.json records.
+    """
+    train, model = setup.train, setup.model
+    if not (train.train_minutes and train.dropout_min_steps and model.dropout > 0):
+        return setup
+    no_dropout = model.replace(dropout=0.0, attention_dropout=0.0, relu_dropout=0.0)
+    if (epath.Path(setup.workdir) / record.CONFIG_FILE).exists():
+        recorded = record.read_configs(setup.workdir).model
+        return dataclasses.replace(setup, model=no_dropout) if recorded.dropout == 0 else setup
+    data = setup.data
+    rows, length = data.batch_rows, data.row_length
+    if data.batching == "bucketed":
+        length = model.max_len
+        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = max(1, data.tokens_per_batch // length // multiple) * multiple
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+        seconds = seconds_per_step(model, train, mesh, rows, length)
+    if jax.process_count() > 1:  # every process decides alike: process 0's timing
+        seconds = float(multihost_utils.broadcast_one_to_all(np.float32(seconds)))
+    steps = min(train.steps, int(60 * train.train_minutes / seconds))
+    budget = f"{train.train_minutes:g} minutes"
+    measured = f"a step takes {seconds:.2f}s here: about {steps:,} steps in {budget}"
+    if steps >= train.dropout_min_steps:
+        say(f"{measured}, dropout {model.dropout:g} kept")
+        return setup
+    say(f"{measured}, under {train.dropout_min_steps:,}: training without dropout")
+    return dataclasses.replace(setup, model=no_dropout)
 
 
 # ----------------------------------------------------------------------------
@@ -355,19 +391,6 @@ class Preemption:
 # ----------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------
-
-
-def say(message: str) -> None:
-    """A line for the person running training (process 0 only)."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Progress:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from transformer import sharding
@@ -290,3 +292,39 @@ def create_state(model, optimizer, seed: int, mesh) -> tuple[TrainState, Any]:
 def abstract_state(model, optimizer, seed: int, mesh) -> tuple[TrainState, Any]:
     """ShapeDtypeStructs of the TrainState with their shardings (nothing allocated)."""
     return sharding.abstract_init(init_fn(model, optimizer, seed), jax.random.key(seed), mesh)
+
+
+# ----------------------------------------------------------------------------
+# What a step costs on this host
+# ----------------------------------------------------------------------------
+
+
+def seconds_per_step(
+    model_cfg: ModelConfig, train: TrainConfig, mesh, rows: int, length: int, repeats: int = 3
+) -> float:
+    """Median wall time of the compiled train step over `mesh`, on a batch of `rows`
+    full rows of `length` random tokens: what this host will spend on a step.
+
+    Compiles the step once (seconds on a CPU); every process measures alike.
+    """
+    model = Transformer(model_cfg)
+    optimizer = make_optimizer(model_cfg, train)
+    state, shardings = create_state(model, optimizer, train.seed, mesh)
+    step = jit_train_step(model, optimizer, train, mesh, shardings)
+    rng = np.random.default_rng(0)
+    tokens = lambda: rng.integers(4, model_cfg.vocab_size, (rows, length), np.int32)  # noqa: E731
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
+    batch = {"inputs": tokens(), "targets": tokens()}
+    batch.update(inputs_positions=positions, targets_positions=positions)
+    batch.update(inputs_segmentation=np.ones((rows, length), np.int32))
+    batch.update(targets_segmentation=np.ones((rows, length), np.int32))
+    batch = sharding.global_batch(mesh, batch, process_local=False)
+    state, metrics = step(state, batch, np.float32(0.0))  # compiles; a zero learning rate
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, np.float32(0.0))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

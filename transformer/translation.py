@@ -47,9 +47,11 @@ class Translator:
     params: Any
     vocab: Vocabulary
     decode: DecodeConfig = DecodeConfig()
+    _: dataclasses.KW_ONLY
     tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
     mesh: Mesh | None = None
     on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
+    on_progress: Callable[[int, int], None] | None = None  # (pieces done, of) per batch
 
     def __post_init__(self):
         self.decode.validate()
@@ -82,22 +84,32 @@ class Translator:
             for t in texts
         ]
         out = [""] * len(texts)
+        done, total = 0, sum(1 for x in ids if x)
         for number, (batch_indices, batch) in enumerate(self._batches(ids)):
-            if not self.decode.mbr:
-                for i, row in zip(batch_indices, self._decode(batch), strict=False):
-                    out[i] = self.vocab.decode(row)
-                continue
-            tokens, scores = self._decode(batch)
-            drawn = self._sample(batch, number) if self.decode.mbr_samples else None
-            samples = [None] * len(tokens) if drawn is None else drawn
-            for i, rows, row_scores, drawn in zip(
-                batch_indices, tokens, scores, samples, strict=False
-            ):
-                ended = row_scores > decoding.NEG_INF / 2
-                candidates = [self.vocab.decode(r) for r in rows[ended]]
-                references = None if drawn is None else [self.vocab.decode(r) for r in drawn]
-                out[i] = candidates[minimum_bayes_risk(candidates, references)]
+            texts_out = self._translate_batch(batch, number, len(batch_indices))
+            for i, text in zip(batch_indices, texts_out, strict=True):
+                out[i] = text
+            done += len(batch_indices)
+            if self.on_progress is not None:
+                self.on_progress(done, total)
         return out
+
+    def _translate_batch(self, batch: np.ndarray, number: int, real: int) -> list[str]:
+        """[R, S] ids -> a translation of each of the first `real` rows (the rest pad)."""
+        if not self.decode.mbr:
+            return [self.vocab.decode(row) for row in self._decode(batch)[:real]]
+        tokens, scores = self._decode(batch)
+        drawn = self._sample(batch, number) if self.decode.mbr_samples else None
+        samples = [None] * real if drawn is None else drawn[:real]
+        chosen = []
+        for rows, row_scores, references in zip(tokens[:real], scores[:real], samples, strict=True):
+            candidates = [self.vocab.decode(r) for r in rows[row_scores > decoding.NEG_INF / 2]]
+            if references is not None:
+                references = [self.vocab.decode(r) for r in references]
+            chosen.append(
+                candidates[minimum_bayes_risk(candidates, references)] if candidates else ""
+            )
+        return chosen
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
         """(text indices, [R, S] ids) under the token budget, shortest texts first."""

@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from transformer.data import DataError
+from transformer.progress import Meter
 
 SYSTEM_PATH = "/usr/share/trans/de-en"
 MANUAL_NAMES = ("de-en", "de-en.txt")
@@ -198,8 +199,11 @@ class DingDeEn(tfds.core.GeneratorBasedBuilder):
             pass
         path = find_corpus(str(manual_dir) if manual_dir and manual_dir.exists() else None)
         splits = split_pairs(read_pairs(path))
-        return {name: self._generate_examples(pairs) for name, pairs in splits.items()}
+        return {name: self._generate_examples(name, pairs) for name, pairs in splits.items()}
 
-    def _generate_examples(self, pairs) -> Iterator[tuple[int, dict]]:
+    def _generate_examples(self, split: str, pairs) -> Iterator[tuple[int, dict]]:
+        meter = Meter(f"writing ding_de_en's {split} split", len(pairs), "pairs")
         for key, (de, en, alt) in enumerate(pairs):
             yield key, {"de": de, "en": en, "sentence": is_sentence(de, en), "alternative": alt}
+            meter.advance(1)
+        meter.finish()

@@ -30,6 +30,7 @@ from transformer.config import EOS_ID, DataConfig
 from transformer.data import batching, datasets, token_ids
 from transformer.data.datasets import TranslationSource
 from transformer.data.vocab import VOCAB_FILE, Vocabulary, load_or_train
+from transformer.progress import Meter, say
 
 # ----------------------------------------------------------------------------
 # The vocabulary and the examples' lengths
@@ -44,10 +45,14 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
         rng = np.random.default_rng(0)
         n = min(len(source), data.vocab_sample_size)
         chosen = np.sort(rng.choice(len(source), size=n, replace=False))
-        logging.info("training a %d-piece vocabulary on %d sentence pairs", vocab_size, n)
+        say(f"training a {vocab_size}-piece SentencePiece vocabulary on {n:,} sampled pairs")
+        meter = Meter("reading the vocabulary's sample", n, "pairs")
         for src, tgt in source.texts(chosen):
             yield src
             yield tgt
+            meter.advance(1)
+        meter.finish()
+        say("fitting the vocabulary's pieces to the sample (SentencePiece, no progress shown)")
 
     return load_or_train(epath.Path(workdir) / VOCAB_FILE, sample, vocab_size, is_chief=is_chief)
 

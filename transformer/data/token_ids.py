@@ -29,13 +29,13 @@ import time
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from etils import epath
 
 from transformer.config import EOS_ID, DataConfig
 from transformer.data import DataError
 from transformer.data.datasets import TranslationSource, as_text
 from transformer.data.vocab import Vocabulary
+from transformer.progress import Meter, say
 
 FLAGS = ("sentence", "alternative")
 
@@ -76,13 +76,15 @@ def split_dir(data: DataConfig, vocab: Vocabulary, split: str) -> epath.Path:
 # ----------------------------------------------------------------------------
 
 
-def _tokenize_split(source: TranslationSource, vocab: Vocabulary) -> dict[str, np.ndarray]:
+def _tokenize_split(
+    source: TranslationSource, vocab: Vocabulary, split: str
+) -> dict[str, np.ndarray]:
     """Every example of the split, both languages, as the files' arrays."""
     langs = (source.source_lang, source.target_lang)
     sides = {lang: [] for lang in langs}
     flags = {name: [] for name in FLAGS}
-    n, started, last_report = len(source), time.monotonic(), 0.0
-    done = 0
+    n = len(source)
+    meter = Meter(f"tokenizing the {split} split", n, "examples")
     for records in source.chunks(range(n)):
         for lang in langs:
             ids = vocab.encode_batch([as_text(r[lang]) for r in records])
@@ -90,12 +92,8 @@ def _tokenize_split(source: TranslationSource, vocab: Vocabulary) -> dict[str, n
         if "sentence" in records[0]:
             flags["sentence"] += [bool(r["sentence"]) for r in records]
             flags["alternative"] += [int(r["alternative"]) for r in records]
-        done += len(records)
-        now = time.monotonic()
-        if now - last_report > 10 or done == n:
-            rate = done / max(now - started, 1e-9)
-            logging.info("tokenized %d/%d examples (%.0f/s)", done, n, rate)
-            last_report = now
+        meter.advance(len(records))
+    meter.finish()
     dtype = np.uint16 if vocab.size <= 65_536 else np.int32
     arrays = {}
     for lang, chunks in sides.items():
@@ -110,7 +108,7 @@ def _tokenize_split(source: TranslationSource, vocab: Vocabulary) -> dict[str, n
 
 def write(source: TranslationSource, vocab: Vocabulary, folder: epath.Path) -> None:
     """Tokenizes the split and writes its folder; a crash leaves no readable half."""
-    arrays = _tokenize_split(source, vocab)
+    arrays = _tokenize_split(source, vocab, folder.name)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
@@ -187,7 +185,7 @@ def load_or_write(
     done = folder / "complete.json"
     if not done.exists():
         if is_chief:
-            print(f"tokenizing the {split} split once for this vocabulary -> {folder}", flush=True)
+            say(f"tokenizing the {split} split once for this vocabulary -> {folder}")
             write(source, vocab, folder)
         else:
             deadline = time.monotonic() + timeout_s

@@ -22,6 +22,7 @@ from etils import epath
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.data import DataError
+from transformer.progress import format_duration, say
 
 VOCAB_FILE = "vocab.model"
 
@@ -129,11 +130,16 @@ def load_or_train(
     path = epath.Path(path)
     if not path.exists():
         if is_chief:
+            start = time.monotonic()
             vocab = train(texts(), vocab_size)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
             tmp.write_bytes(vocab.proto)
             tmp.rename(path)
+            say(
+                f"vocabulary of {vocab_size} pieces written to {path} in "
+                f"{format_duration(time.monotonic() - start)}"
+            )
         else:
             _wait_for(path, timeout_s)
     vocab = Vocabulary.load(path)

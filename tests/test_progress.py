@@ -1,0 +1,52 @@
+"""Progress meters: what a person sees during a long phase, in a log and on a terminal."""
+
+import io
+
+from transformer.progress import Meter, format_duration
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_a_line_per_interval_and_a_last_one():
+    log = io.StringIO()
+    meter = Meter("tokenizing the train split", 10, "examples", every_s=0.0, stream=log)
+    meter.advance(3)
+    meter.advance(7)
+    meter.finish()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in log.getvalue()
+    assert lines[0].startswith("tokenizing the train split: 3/10 examples, ")
+    assert "examples/s, ETA " in lines[0]
+    assert lines[2].startswith("tokenizing the train split: 10/10 examples, ")
+    assert "ETA" not in lines[2] and lines[2].endswith("0m00s")  # the time it took
+
+
+def test_a_log_is_not_flooded_between_intervals():
+    log = io.StringIO()
+    meter = Meter("writing", 1000, "pairs", every_s=3600.0, stream=log)
+    for _ in range(1000):
+        meter.advance(1)
+    assert log.getvalue() == ""
+    meter.finish()
+    assert log.getvalue().count("\n") == 1 and "1,000/1,000 pairs" in log.getvalue()
+
+
+def test_a_terminal_gets_one_bar_redrawn_in_place():
+    screen = Terminal()
+    meter = Meter("translating", None, "lines", every_s=3600.0, stream=screen)
+    meter.update(5, 20)  # the total becomes known on the way
+    meter.update(20, 20)
+    meter.finish()
+    drawn = screen.getvalue()
+    assert drawn.count("\r") == 2 and drawn.endswith("\n")
+    assert "translating: [#####               ] 5/20 lines" in drawn
+    assert "[####################] 20/20 lines" in drawn
+
+
+def test_durations_read_as_minutes_or_hours():
+    assert format_duration(75) == "1m15s"
+    assert format_duration(3 * 3600 + 5 * 60) == "3h05m"
+    assert format_duration(-4) == "0m00s"

@@ -1,0 +1,86 @@
+"""What the person running a command sees: one-line messages and progress meters.
+
+A `Meter` reports a phase that takes more than a few seconds (building the
+corpus, sampling text for the vocabulary, tokenizing, translating a split):
+done / total, rate and ETA. On a terminal it is one bar redrawn in place; in a
+log (output not a terminal) it is one line every `every_s` seconds and a last
+one at the end. Only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import jax
+
+
+def say(message: str) -> None:
+    """A line for the person running the command (process 0 only)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Meter:
+    """`label: [#####     ] 520/1000 sentences, 43.2 sentences/s, ETA 0m11s`."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        unit: str,
+        *,
+        every_s: float = 10.0,
+        stream: TextIO | None = None,
+    ):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.stream = sys.stdout if stream is None else stream
+        self.live = self.stream.isatty()
+        self.done, self.start = 0, time.monotonic()
+        self.last_shown = self.start
+        self.enabled = jax.process_index() == 0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.live or now - self.last_shown >= self.every_s:
+            self.last_shown = now
+            self._show(final=False)
+
+    def update(self, done: int, total: int) -> None:
+        """Sets the count (for callers that learn the total as they go)."""
+        self.total = total
+        self.advance(done - self.done)
+
+    def finish(self) -> None:
+        """The last line: what was done, in how long."""
+        self._show(final=True)
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        count = f"{self.done:,}" if self.total is None else f"{self.done:,}/{self.total:,}"
+        text = f"{self.label}: {count} {self.unit}, {rate:,.1f} {self.unit}/s"
+        if self.total and self.done < self.total and rate > 0:
+            text += f", ETA {format_duration((self.total - self.done) / rate)}"
+        elif self.done and (not self.total or self.done >= self.total):
+            text += f", {format_duration(elapsed)}"
+        return text
+
+    def _show(self, final: bool) -> None:
+        if not self.enabled:
+            return
+        text = self.line()
+        if self.live and self.total:
+            filled = int(20 * min(self.done / self.total, 1.0))
+            text = text.replace(": ", f": [{'#' * filled}{' ' * (20 - filled)}] ", 1)
+        end = "\n" if final or not self.live else "\r"
+        print(text, end=end, file=self.stream, flush=True)
