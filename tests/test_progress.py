@@ -17,11 +17,20 @@ def test_a_log_gets_a_line_per_interval_and_a_last_one():
     meter.advance(7)
     meter.finish()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 3 and "\r" not in log.getvalue()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
     assert lines[0].startswith("tokenizing the train split: 3/10 examples, ")
     assert "examples/s, ETA " in lines[0]
-    assert lines[2].startswith("tokenizing the train split: 10/10 examples, ")
-    assert "ETA" not in lines[2] and lines[2].endswith("0m00s")  # the time it took
+    assert lines[1].startswith("tokenizing the train split: 10/10 examples, ")
+    assert "ETA" not in lines[1] and lines[1].endswith("0m00s")  # the time it took
+
+
+def test_a_log_shows_the_last_count_once():
+    log = io.StringIO()
+    meter = Meter("translating the test split", None, "sentences", every_s=0.0, stream=log)
+    meter.update(4, 8)
+    meter.update(8, 8)
+    meter.finish()
+    assert log.getvalue().count("8/8 sentences") == 1
 
 
 def test_a_log_is_not_flooded_between_intervals():

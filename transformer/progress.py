@@ -45,7 +45,7 @@ class Meter:
         self.stream = sys.stdout if stream is None else stream
         self.live = self.stream.isatty()
         self.done, self.start = 0, time.monotonic()
-        self.last_shown = self.start
+        self.last_shown, self.shown_done = self.start, None
         self.enabled = jax.process_index() == 0
 
     def advance(self, count: int) -> None:
@@ -61,8 +61,9 @@ class Meter:
         self.advance(done - self.done)
 
     def finish(self) -> None:
-        """The last line: what was done, in how long."""
-        self._show(final=True)
+        """The last line: what was done, in how long (unless a log has it already)."""
+        if self.live or self.shown_done != self.done:
+            self._show(final=True)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -78,6 +79,7 @@ class Meter:
     def _show(self, final: bool) -> None:
         if not self.enabled:
             return
+        self.shown_done = self.done
         text = self.line()
         if self.live and self.total:
             filled = int(20 * min(self.done / self.total, 1.0))

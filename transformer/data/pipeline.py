@@ -47,10 +47,11 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
         chosen = np.sort(rng.choice(len(source), size=n, replace=False))
         say(f"training a {vocab_size}-piece SentencePiece vocabulary on {n:,} sampled pairs")
         meter = Meter("reading the vocabulary's sample", n, "pairs")
-        for src, tgt in source.texts(chosen):
-            yield src
-            yield tgt
-            meter.advance(1)
+        for records in source.chunks(chosen):
+            for record in records:
+                yield datasets.as_text(record[source.source_lang])
+                yield datasets.as_text(record[source.target_lang])
+            meter.advance(len(records))
         meter.finish()
         say("fitting the vocabulary's pieces to the sample (SentencePiece, no progress shown)")
 
