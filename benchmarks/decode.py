@@ -29,15 +29,11 @@ import numpy as np
 from absl import flags
 
 from benchmarks import eos_only_at_the_end, peak_rss_gib, positive_ints
-from experiments import cli
-from transformer import config, decoding, flops
+from experiments import cli, model_flags
+from transformer import decoding, flops
 from transformer.config import EOS_ID
 from transformer.model import Transformer
 
-_PRESET = flags.DEFINE_string("preset", "base", "Model preset.")
-_DTYPE = flags.DEFINE_enum(
-    "dtype", "auto", ["auto", "float32", "bfloat16"], "Compute dtype (auto: the faster here)."
-)
 _BATCHES = flags.DEFINE_list("batch", ["1", "32", "128"], "Sentences per batch.")
 _BEAMS = flags.DEFINE_list("beam_size", ["1", "4"], "Beam sizes (1: greedy).")
 _SOURCE_LENGTH = flags.DEFINE_integer(
@@ -100,7 +96,7 @@ def search(model, params, inputs, beam: int, steps: int, naive: bool):
     if beam == 1 and not naive:
         return decoding.greedy_search(step_fn, cache, max_lengths, length=steps)
     tokens, _, _ = decoding.beam_search(
-        step_fn, reorder, cache, max_lengths, length=steps, beam_size=beam
+        step_fn, reorder, cache, max_lengths, length=steps, beam_size=beam, alpha=0.6
     )
     return tokens[:, 0]
 
@@ -126,7 +122,7 @@ def measure(model, params, batch: int, beam: int, naive: bool) -> dict:
         "benchmark": "decode",
         "variant": "naive" if naive else "ours",
         "search": "greedy" if beam == 1 else f"beam{beam}",
-        "preset": _PRESET.value,
+        "preset": model_flags.preset_name(),
         "dtype": model.config.dtype,
         "batch": batch,
         "source_length": _SOURCE_LENGTH.value,
@@ -146,8 +142,9 @@ def main(argv):
         positive_ints("batch", _BATCHES.value),
         positive_ints("beam_size", _BEAMS.value),
     )
-    dtype = flops.fastest_dtype() if _DTYPE.value == "auto" else _DTYPE.value
-    model_cfg = config.preset(_PRESET.value).replace(dtype=dtype)
+    model_cfg = model_flags.model_config()  # --preset and any model setting; --dtype=auto:
+    if model_flags.dtype_is_auto():  # the faster one here
+        model_cfg = model_cfg.replace(dtype=flops.fastest_dtype())
     model_cfg = model_cfg.replace(max_len=max(model_cfg.max_len, _STEPS.value))
     model = Transformer(model_cfg)
     tokens = jnp.ones((1, 8), jnp.int32)

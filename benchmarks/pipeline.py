@@ -15,6 +15,7 @@ one JSON line per entry: target (non-PAD) tokens/s and batches/s (median of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -26,15 +27,21 @@ import numpy as np
 from absl import flags
 
 from benchmarks import peak_rss_gib
-from experiments import cli
+from experiments import cli, config_flags
 from transformer import config
 from transformer.data import datasets, pipeline, token_ids
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/pipeline_bench", "Vocabulary folder.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 8000, "SentencePiece vocabulary size.", lower_bound=1)
-_ROWS = flags.DEFINE_integer("batch_rows", 48, "Rows per batch.", lower_bound=1)
-_LENGTH = flags.DEFINE_integer("row_length", 64, "Tokens per row.", lower_bound=1)
+# The CPU demo's corpus and batch shape (experiments/configs/ding_deen_cpu.flags).
+DEMO = config.DataConfig(
+    dataset="ding_de_en", direction="de-en", batch_rows=48, row_length=64, max_len=64,
+    vocab_sample_size=300_000,
+)  # fmt: skip
+config_flags.define(
+    config.DataConfig, only=("data_dir", "batch_rows", "row_length"),
+    defaults=dataclasses.asdict(DEMO),
+)  # fmt: skip
+config_flags.define(config.ModelConfig, only=("vocab_size",), defaults={"vocab_size": 8000})
 _PRODUCERS = flags.DEFINE_list(
     "producers", ["ids:t1", "ids:w1", "ids:w2", "text:t1", "text:t2"],
     "What to measure: SOURCE:tN (N threads) or SOURCE:wN (N worker processes), "
@@ -71,18 +78,16 @@ def parse(entry: str) -> tuple[str, int, int]:
 
 
 def data_config(threads: int, workers: int) -> config.DataConfig:
-    return config.DataConfig(
-        dataset="ding_de_en", direction="de-en", data_dir=_DATA_DIR.value,
-        batching="packed", batch_rows=_ROWS.value, row_length=_LENGTH.value,
-        max_len=_LENGTH.value, num_threads=threads, data_workers=workers,
-        vocab_sample_size=300_000,
-    ).validate()  # fmt: skip
+    data = DEMO.replace(**config_flags.given(config.DataConfig))
+    changes = dict(max_len=data.row_length, num_threads=threads, data_workers=workers)
+    return data.replace(**changes).validate()
 
 
 def measure(entry: str) -> dict:
     source_kind, threads, workers = parse(entry)
     data = data_config(threads, workers)
-    train = pipeline.train_data(data, _WORKDIR.value, _VOCAB.value, _LENGTH.value, seed=0)
+    vocab_size = flags.FLAGS.vocab_size
+    train = pipeline.train_data(data, _WORKDIR.value, vocab_size, data.row_length, seed=0)
     if source_kind == "text":
         text = (datasets.load_split(data, "train"), train.vocab)
         train.dataset = TextBatches(train.dataset.ids, train.plan, 0, 1, text)
@@ -102,7 +107,7 @@ def measure(entry: str) -> dict:
         iterator.close()
     return {
         "benchmark": "pipeline", "dataset": data.dataset, "producers": entry,
-        "batch_rows": _ROWS.value, "row_length": _LENGTH.value, "cpus": os.cpu_count(),
+        "batch_rows": data.batch_rows, "row_length": data.row_length, "cpus": os.cpu_count(),
         "target_tokens_per_s": round(statistics.median(rates)),
         "batches_per_s": round(_BATCHES.value / statistics.median(seconds), 1),
         "row_fill": round(float(np.mean(fills)), 4),
@@ -119,7 +124,8 @@ def main(argv):
     for entry in entries:
         parse(entry)  # every entry checked before anything is measured
     # Built (untimed) once here, so that no measured process builds it.
-    pipeline.train_data(data_config(1, -1), _WORKDIR.value, _VOCAB.value, _LENGTH.value, seed=0)
+    data = data_config(1, -1)
+    pipeline.train_data(data, _WORKDIR.value, flags.FLAGS.vocab_size, data.row_length, seed=0)
     passed = [a for a in sys.argv[1:] if not a.startswith("--producers")]
     for entry in entries:
         command = [sys.executable, "-m", "benchmarks.pipeline", *passed, f"--one={entry}"]

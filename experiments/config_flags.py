@@ -19,17 +19,29 @@ from absl import flags
 Config = TypeVar("Config")
 
 
-def define(cls: type, *, skip: tuple[str, ...] = (), extra_choices: tuple = (), note="") -> None:
+def define(
+    cls: type,
+    *,
+    only: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    defaults: dict | None = None,
+    extra_choices: tuple = (),
+    note: str = "",
+) -> None:
     """One absl flag per field of the dataclass `cls`, typed by its default.
 
-    `skip`: fields without a flag. `extra_choices`: values a choice flag takes
-    beyond the field's (an entry point's own, such as --dtype=auto). `note`
-    ends every help line (say where the value comes from when not given).
+    `only`: these fields alone (default: all); `skip`: fields without a flag.
+    `defaults`: an entry point's own defaults, shown in the help (the base it
+    passes to update() must hold them too). `extra_choices`: values a choice
+    flag takes beyond the field's (such as --dtype=auto). `note` ends every
+    help line (say where the value comes from when not given).
     """
+    defaults = defaults or {}
     for field in dataclasses.fields(cls):
-        if field.name in skip:
+        if field.name in skip or (only and field.name not in only):
             continue
-        default, help_text = field.default, field.metadata.get("help", field.name) + note
+        default = defaults.get(field.name, field.default)
+        help_text = field.metadata.get("help", field.name) + note
         choices = field.metadata.get("choices")
         if choices:
             options = [*choices, *extra_choices]

@@ -20,8 +20,8 @@ import sys
 
 from absl import flags
 
-from experiments import cli, trained_flags
-from transformer import metrics
+from experiments import cli, config_flags, trained_flags
+from transformer import config, metrics
 from transformer.data import datasets
 
 SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
@@ -31,7 +31,7 @@ LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N sentences (0: all).")
 HYPOTHESES = flags.DEFINE_string(
     "hypotheses", None, "Where to write the translations (default: in the workdir)."
 )
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory, if not the training one.")
+config_flags.define(config.DataConfig, only=("data_dir",), note=" Default: the training run's.")
 
 
 def read_lines(path: str) -> list[str]:
@@ -89,8 +89,7 @@ def main(argv: list[str]) -> None:
             raise cli.UserError(f"--source_file={SOURCE_FILE.value} is empty: nothing to score")
     model = trained_flags.load()
     data = model.data
-    if DATA_DIR.value:
-        data = data.replace(data_dir=DATA_DIR.value)
+    data = data.replace(**config_flags.given(config.DataConfig))
     if not SOURCE_FILE.value:
         sources, references, name = pairs_from_split(data)
     tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"

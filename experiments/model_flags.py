@@ -20,12 +20,15 @@ _PRESET = flags.DEFINE_enum(
     "Named model: the paper's Table 3 rows, big, tiny or cpu.",
 )
 _NUM_LAYERS = flags.DEFINE_integer(
-    "num_layers", None, "Layers in the encoder and in the decoder (each its own flag too)."
+    "num_layers",
+    6,
+    "Layers in the encoder and in the decoder (each its own flag too). "
+    "Default: the preset's (shown: the base model's).",
 )
 config_flags.define(
     config.ModelConfig,
     extra_choices=("auto",),
-    note=" Default: the preset's.",
+    note=" Default: the preset's (shown: the base model's).",
 )
 flags.FLAGS[
     "dtype"
@@ -47,7 +50,9 @@ def model_config() -> config.ModelConfig:
     it may start JAX's backend (see flops.fastest_dtype).
     """
     changes = config_flags.given(config.ModelConfig)
-    if _NUM_LAYERS.value is not None:
+    if flags.FLAGS["num_layers"].present:
+        if _NUM_LAYERS.value < 1:
+            raise config.ConfigError(f"--num_layers must be >= 1, got {_NUM_LAYERS.value}")
         changes.setdefault("num_encoder_layers", _NUM_LAYERS.value)
         changes.setdefault("num_decoder_layers", _NUM_LAYERS.value)
     if changes.get("dtype") == "auto":

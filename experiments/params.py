@@ -14,7 +14,7 @@ import json
 
 from absl import flags
 
-from experiments import cli, model_flags
+from experiments import cli, config_flags, model_flags
 from transformer import config
 from transformer.analysis.params import COMPONENTS, formula_counts, real_counts
 
@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; see --help")
     if _TABLE3.value:
-        print_table3(flags.FLAGS.vocab_size, _JSON.value)
+        given = config_flags.given(config.ModelConfig)
+        print_table3(given.get("vocab_size"), _JSON.value)
     else:
         print_breakdown(model_flags.model_config(), _JSON.value)
 

@@ -10,28 +10,25 @@ on a cheap machine before starting an expensive one. Prints the split sizes.
 
 from __future__ import annotations
 
-from absl import flags
-
-from experiments import cli
+from experiments import cli, config_flags
 from transformer import config
 from transformer.data import datasets
 
-DATASET = flags.DEFINE_enum("dataset", "ding_de_en", list(config.DATASETS), "Corpus to build.")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (local or gs://).")
-MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Downloaded archives or the Ding file.")
+_DEFAULTS = {"dataset": "ding_de_en"}  # the one corpus that builds without a download
+config_flags.define(
+    config.DataConfig, only=("dataset", "data_dir", "manual_dir"), defaults=_DEFAULTS
+)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}")
-    a, b = config.DATASETS[DATASET.value]
-    data = config.DataConfig(
-        dataset=DATASET.value, direction=f"{b}-{a}", data_dir=DATA_DIR.value,
-        manual_dir=MANUAL_DIR.value,
-    )  # fmt: skip
+    given = config_flags.given(config.DataConfig)
+    a, b = config.DATASETS[given.get("dataset", _DEFAULTS["dataset"])]
+    data = config_flags.update(config.DataConfig(**_DEFAULTS, direction=f"{b}-{a}"))
     datasets.prepare(data)
     sizes = {split: len(datasets.load_split(data, split)) for split in datasets.SPLITS}
-    print(f"{DATASET.value}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
+    print(f"{data.dataset}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ the DecodeConfig's settings, which default to those the workdir trained with."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 from absl import flags
 
 from experiments import config_flags
 from experiments.cli import UserError
-from transformer import config, trained
+from transformer import config, record, trained
 from transformer.translation import Translator
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The workdir that experiments.wmt trained in.")
@@ -15,7 +18,7 @@ STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (defa
 AVERAGE_LAST = flags.DEFINE_integer(
     "average_last", 0, "Average the parameters of the last K checkpoints (the paper: 5 or 20)."
 )
-config_flags.define(config.DecodeConfig, note=" Default: the workdir's.")
+config_flags.define(config.DecodeConfig, note=" Default: the workdir's (shown: the paper's).")
 
 
 def check() -> None:
@@ -30,31 +33,35 @@ def check() -> None:
         raise UserError(f"--average_last must be >= 0, got {AVERAGE_LAST.value}")
 
 
-def check_decode() -> None:
-    """Refuses a bad decoding flag before a model is loaded (the workdir's values aside)."""
-    config.DecodeConfig(**_without_mbr(config_flags.given(config.DecodeConfig))).validate()
-
-
-def _without_mbr(changes: dict) -> dict:
-    """The flags without the MBR settings, whose checks need the workdir's beam size."""
-    return {k: v for k, v in changes.items() if k not in ("mbr", "mbr_samples")}
-
-
 def load() -> trained.Trained:
+    """The workdir's model, its `decode` the workdir's with the decoding flags given.
+
+    The flags are checked against the workdir's config before the parameters
+    load (minutes, when averaging big checkpoints)."""
     check()
-    check_decode()
-    return trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
+    decode = decode_config(record.read_configs(WORKDIR.value).decode)
+    model = trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
+    return dataclasses.replace(model, decode=decode)
 
 
-def decode_config(model: trained.Trained) -> config.DecodeConfig:
-    """The workdir's DecodeConfig with the decoding flags given (so that a workdir's final
-    scores are reproduced by default). --mbr=0 turns the workdir's MBR off, samples and all."""
+def decode_config(recorded: config.DecodeConfig) -> config.DecodeConfig:
+    """The workdir's DecodeConfig with the decoding flags given, so that a workdir's
+    final scores are reproduced by default. --mbr=0 turns the workdir's MBR off,
+    samples and all; so does a --beam_size below the workdir's MBR size."""
     changes = config_flags.given(config.DecodeConfig)
+    beam = changes.get("beam_size", recorded.beam_size)
+    if "mbr" not in changes and recorded.mbr > beam:
+        print(
+            f"warning: --beam_size={beam} is below the workdir's mbr={recorded.mbr}: MBR off "
+            "(give --mbr to keep it)",
+            file=sys.stderr,
+        )
+        changes["mbr"] = 0
     if changes.get("mbr") == 0:
         changes.setdefault("mbr_samples", 0)
-    return model.decode.replace(**changes).validate()
+    return recorded.replace(**changes).validate()
 
 
 def translator(model: trained.Trained, **options) -> Translator:
-    """A Translator for the loaded model and decode_config(); `options` go to Translator."""
-    return Translator(model.model, model.params, model.vocab, decode_config(model), **options)
+    """A Translator for a model from load(); `options` go to Translator."""
+    return Translator(model.model, model.params, model.vocab, model.decode, **options)

@@ -36,8 +36,8 @@ OUTPUT = flags.DEFINE_string("output", None, "File to write (default: stdout).")
 CHUNK_LINES = flags.DEFINE_integer(
     "chunk_lines", 2000, "Lines read and translated at a time (bounds memory)."
 )
-TOKENS_PER_BATCH = flags.DEFINE_integer(
-    "tokens_per_batch", 4096, "Padded source tokens per decoding batch."
+BATCH_TOKENS = flags.DEFINE_integer(
+    "decode_batch_tokens", 4096, "Padded source tokens per decoding batch (memory, speed)."
 )
 
 # Characters that would end a line in the output (a byte-fallback model can
@@ -110,8 +110,8 @@ def translate_stream(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; text comes on stdin or --input")
-    if CHUNK_LINES.value < 1 or TOKENS_PER_BATCH.value < 1:
-        raise cli.UserError("--chunk_lines and --tokens_per_batch must be positive")
+    if CHUNK_LINES.value < 1 or BATCH_TOKENS.value < 1:
+        raise cli.UserError("--chunk_lines and --decode_batch_tokens must be positive")
     if INPUT.value is not None:
         try:
             open(INPUT.value, "rb").close()
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
     if OUTPUT.value is not None:
         cli.check_output_file("output", OUTPUT.value)
     model = trained_flags.load()
-    translator = trained_flags.translator(model, tokens_per_batch=TOKENS_PER_BATCH.value)
+    translator = trained_flags.translator(model, tokens_per_batch=BATCH_TOKENS.value)
     meter = None
     if INPUT.value:  # on stderr: stdout may be carrying the translations
         meter = Meter("translating", _count_lines(INPUT.value), "lines", stream=sys.stderr)

@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 config_flags.define(config.DataConfig, skip=("max_len",))  # max_len: the model's
 config_flags.define(config.TrainConfig)
-flags.FLAGS["label_smoothing"].help += " Default: the preset's."
+flags.FLAGS["label_smoothing"].help += " Default: the preset's (shown: the base model's)."
 config_flags.define(config.DecodeConfig)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, vocabulary and logs go.")
@@ -54,11 +54,7 @@ def build_configs() -> tuple[
     data = config_flags.update(config.DataConfig(max_len=model.max_len), skip=("max_len",))
     train = config_flags.update(config.recipe(model_flags.preset_name()))
     decode = config_flags.update(config.DecodeConfig())
-    if data.batching == "packed" and data.batch_rows % train.grad_accum_steps:
-        raise config.ConfigError(
-            f"batch_rows ({data.batch_rows}) must be divisible by grad_accum_steps "
-            f"({train.grad_accum_steps})"
-        )
+    config.check_batch_split(data, train)
     return model, data, train, decode
 
 

@@ -11,7 +11,7 @@ import pytest
     [
         ("decode", ["--beam_size=4,0"], "--beam_size takes positive integers"),
         ("decode", ["--steps=0"], "--steps=0"),
-        ("decode", ["--preset=huge", "--batch=1"], "unknown preset 'huge'"),
+        ("decode", ["--preset=huge", "--batch=1"], "--preset=huge: value should be one of"),
         ("train_step", ["--dtype=float16"], "--dtype takes float32 and/or bfloat16"),
         ("train_step", ["--rows=8,-1"], "--rows takes positive integers"),
         ("scaling", ["--sweep_rows=2,x"], "--sweep_rows takes positive integers"),

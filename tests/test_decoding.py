@@ -349,7 +349,7 @@ def greedy_without_cache(model, params, inputs, length):
 def test_cached_greedy_equals_uncached_greedy(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
-    cached = decoding.decode(model, params, inputs, beam_size=1, max_extra=3)
+    cached = decoding.decode(model, params, inputs, DecodeConfig(beam_size=1, max_extra=3))
     length = decoding.output_length(model.config, inputs.shape[1], 3)
     assert cached.shape == (3, length)
     # Prefixes fed to the full forward pass contain PAD after EOS; the decoder
@@ -363,7 +363,7 @@ def test_cached_greedy_equals_uncached_greedy(tiny_model, make_tokens):
 def test_beam_one_equals_greedy_on_the_model(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
-    greedy = decoding.decode(model, params, inputs, beam_size=1)
+    greedy = decoding.decode(model, params, inputs, DecodeConfig(beam_size=1))
     step_fn_tokens = decoding.translate(model, params, inputs, DecodeConfig(beam_size=1))
     np.testing.assert_array_equal(greedy, step_fn_tokens)
     beam_one = _beam_on_model(model, params, inputs, beam_size=1, alpha=0.6)
@@ -453,7 +453,7 @@ def test_beam_search_through_the_lineage_equals_copying_the_cache(tiny_model, ma
     inputs, width = sources(make_tokens), 4
     length = decoding.output_length(model.config, inputs.shape[1], 50)
     max_lengths = decoding.max_output_lengths(inputs, 50, length)
-    ours = decoding.decode(model, params, inputs, beam_size=width, alpha=0.6)
+    ours = decoding.decode(model, params, inputs, DecodeConfig(beam_size=width))
 
     tiled = jnp.repeat(inputs, width, axis=0)  # one "sentence" per hypothesis: W = 1
     step_fn, cache = decoding.model_step(model, params, tiled, tiled.shape[0], length)
@@ -510,7 +510,7 @@ def _sampling(samples: int, epsilon: float) -> DecodeConfig:
 def test_samples_at_a_high_epsilon_are_the_greedy_output(tiny_model, make_tokens):
     model, params = tiny_model
     inputs = sources(make_tokens)
-    greedy = np.asarray(decoding.decode(model, params, inputs, beam_size=1))
+    greedy = np.asarray(decoding.decode(model, params, inputs, DecodeConfig(beam_size=1)))
     samples = decoding.sample(
         model, params, inputs, jax.random.key(0), _sampling(3, epsilon=0.99)
     )  # only the most likely token reaches 0.99

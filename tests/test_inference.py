@@ -156,7 +156,9 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
     translator = Translator(model.model, model.params, model.vocab, decode)
     drawn = translator._sample(batch, 0)
     assert rows_seen == [4, 4]
-    greedy = np.asarray(decoding.decode(model.model, model.params, jnp.asarray(batch), beam_size=1))
+    greedy = np.asarray(
+        decoding.decode(model.model, model.params, jnp.asarray(batch), DecodeConfig(beam_size=1))
+    )
     assert drawn.shape[:2] == (7, 6)
     for row, samples in zip(greedy, drawn, strict=True):
         assert all(model.vocab.decode(s) == model.vocab.decode(row) for s in samples)
@@ -269,6 +271,10 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
         "--no_repeat_ngram=0", "--mbr=0", *args,
     ).stdout.decode()  # fmt: skip
     assert "beam 1, alpha 0\n" in text
+    # A beam narrower than the workdir's MBR list turns MBR off, and says so.
+    result = run_module("experiments.evaluate", f"--workdir={workdir}", "--beam_size=1", *args)
+    assert "beam 1, alpha 1.5, no repeated 3-grams\n" in result.stdout.decode()
+    assert "--beam_size=1 is below the workdir's mbr=2: MBR off" in result.stderr.decode()
 
 
 def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):

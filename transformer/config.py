@@ -464,6 +464,15 @@ DATASETS = {
 BATCHING = ("packed", "bucketed")
 
 
+def check_batch_split(data: DataConfig, train: TrainConfig) -> None:
+    """A packed batch splits evenly into the gradient accumulation's micro-batches."""
+    if data.batching == "packed" and data.batch_rows % train.grad_accum_steps:
+        raise ConfigError(
+            f"batch_rows ({data.batch_rows}) must be divisible by grad_accum_steps "
+            f"({train.grad_accum_steps})"
+        )
+
+
 def _data_workers(value) -> str | None:
     ok = isinstance(value, int) and value >= -1
     return None if ok else "must be -1 (none), 0 (auto) or a count"

@@ -129,8 +129,8 @@ def beam_search(
     max_lengths: jax.Array,
     *,
     length: int,
-    beam_size: int = 4,
-    alpha: float = 0.6,
+    beam_size: int,
+    alpha: float,
     no_repeat_ngram: int = 0,
     n_best: int = 1,
     early_stop: bool = True,
@@ -233,7 +233,7 @@ def sample_search(
     key: jax.Array,
     *,
     length: int,
-    epsilon: float = 0.02,
+    epsilon: float,
 ) -> jax.Array:
     """Every row an output drawn from the model, token by token: tokens [R, length].
 
@@ -372,112 +372,95 @@ def max_output_lengths(inputs: jax.Array, max_extra: int, length: int) -> jax.Ar
     return jnp.minimum(jnp.sum(inputs != PAD_ID, axis=1) + max_extra, length)
 
 
-def decode(
-    model: Transformer,
-    params: Any,
-    inputs: jax.Array,
-    *,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    max_extra: int = 50,
-    no_repeat_ngram: int = 0,
-) -> jax.Array:
+def decode(model: Transformer, params: Any, inputs: jax.Array, settings: DecodeConfig) -> jax.Array:
     """inputs [B, S] source ids (EOS-terminated, PAD after) -> output ids [B, L].
 
-    beam_size 1 decodes greedily. Rows of the output end with EOS, then PAD.
-    no_repeat_ngram n > 0: no output repeats an n-gram of subword pieces.
+    Beam search as `settings` says (beam size 1: greedy decoding). Rows of the
+    output end with EOS, then PAD.
     """
-    if beam_size == 1:
-        length = output_length(model.config, inputs.shape[1], max_extra)
+    if settings.beam_size == 1:
+        length = output_length(model.config, inputs.shape[1], settings.max_extra)
         step_fn, cache = model_step(model, params, inputs, inputs.shape[0], length)
-        max_lengths = max_output_lengths(inputs, max_extra, length)
+        max_lengths = max_output_lengths(inputs, settings.max_extra, length)
         return greedy_search(
-            step_fn, cache, max_lengths, length=length, no_repeat_ngram=no_repeat_ngram
+            step_fn, cache, max_lengths, length=length, no_repeat_ngram=settings.no_repeat_ngram
         )
-    tokens, _ = decode_n_best(
-        model, params, inputs, beam_size=beam_size, alpha=alpha, max_extra=max_extra,
-        no_repeat_ngram=no_repeat_ngram, n_best=1,
-    )  # fmt: skip
+    tokens, _ = decode_n_best(model, params, inputs, settings, n_best=1)
     return tokens[:, 0]
 
 
 def decode_n_best(
-    model: Transformer,
-    params: Any,
-    inputs: jax.Array,
-    *,
-    n_best: int,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    max_extra: int = 50,
-    no_repeat_ngram: int = 0,
+    model: Transformer, params: Any, inputs: jax.Array, settings: DecodeConfig, *, n_best: int
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search's n_best (<= beam_size) best outputs of each source, best first:
     tokens [B, n_best, L] and their scores log P / lp [B, n_best] (NEG_INF where
     fewer hypotheses ended)."""
-    length = output_length(model.config, inputs.shape[1], max_extra)
+    beam_size = settings.beam_size
+    length = output_length(model.config, inputs.shape[1], settings.max_extra)
     step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
-    max_lengths = max_output_lengths(inputs, max_extra, length)
+    max_lengths = max_output_lengths(inputs, settings.max_extra, length)
     tokens, scores, _ = beam_search(
         step_fn, reorder_lineage, cache, max_lengths, length=length, beam_size=beam_size,
-        alpha=alpha, no_repeat_ngram=no_repeat_ngram, n_best=n_best,
+        alpha=settings.length_penalty, no_repeat_ngram=settings.no_repeat_ngram, n_best=n_best,
     )  # fmt: skip
     return tokens, scores
 
 
 def decode_samples(
-    model: Transformer,
-    params: Any,
-    inputs: jax.Array,
-    key: jax.Array,
-    *,
-    num_samples: int,
-    epsilon: float = 0.02,
-    max_extra: int = 50,
+    model: Transformer, params: Any, inputs: jax.Array, key: jax.Array, settings: DecodeConfig
 ) -> jax.Array:
-    """num_samples outputs of each source drawn by epsilon sampling: tokens [B, N, L].
+    """settings.mbr_samples outputs of each source drawn by epsilon sampling
+    (settings.mbr_epsilon): tokens [B, N, L].
 
     Each ends with EOS, then PAD. The source is repeated N times, so that every
     sample is decoded as a sentence of its own (a beam of one): unlike beams,
     samples never share a history, and reading the keys of N rows through a
     lineage table would cost N times the self-attention for nothing.
     """
-    batch = inputs.shape[0]
+    batch, num_samples = inputs.shape[0], settings.mbr_samples
     inputs = jnp.repeat(inputs, num_samples, axis=0)
-    length = output_length(model.config, inputs.shape[1], max_extra)
+    length = output_length(model.config, inputs.shape[1], settings.max_extra)
     step_fn, cache = model_step(model, params, inputs, batch * num_samples, length)
-    max_lengths = max_output_lengths(inputs, max_extra, length)
-    tokens = sample_search(step_fn, cache, max_lengths, key, length=length, epsilon=epsilon)
+    max_lengths = max_output_lengths(inputs, settings.max_extra, length)
+    tokens = sample_search(
+        step_fn, cache, max_lengths, key, length=length, epsilon=settings.mbr_epsilon
+    )
     return tokens.reshape(batch, num_samples, length)
 
 
+def _sampling_only(settings: DecodeConfig) -> DecodeConfig:
+    """The settings that change what sampling computes (one compilation for the rest)."""
+    return DecodeConfig(
+        mbr=2, mbr_samples=settings.mbr_samples, mbr_epsilon=settings.mbr_epsilon,
+        max_extra=settings.max_extra,
+    )  # fmt: skip
+
+
+def _search_only(settings: DecodeConfig) -> DecodeConfig:
+    """The settings that change what beam search computes."""
+    return dataclasses.replace(settings, mbr_samples=0, mbr_epsilon=0.0, mbr_seed=0)
+
+
 @functools.cache
-def _compiled_sampler(config: ModelConfig, num_samples: int, epsilon: float, max_extra: int):
-    options = dict(num_samples=num_samples, epsilon=epsilon, max_extra=max_extra)
-    return jax.jit(functools.partial(decode_samples, Transformer(config), **options))
+def _compiled_sampler(config: ModelConfig, settings: DecodeConfig):
+    return jax.jit(functools.partial(decode_samples, Transformer(config), settings=settings))
 
 
 def sample(
     model: Transformer, params: Any, inputs: jax.Array, key: jax.Array, decode: DecodeConfig
 ) -> jax.Array:
-    """`decode_samples` of decode.mbr_samples outputs a source, drawn with decode.mbr_epsilon,
-    jitted once per (model config, settings, input shape): tokens [B, N, L]."""
-    compiled = _compiled_sampler(
-        model.config, decode.mbr_samples, float(decode.mbr_epsilon), decode.max_extra
-    )
-    return compiled(params, inputs, key)
+    """`decode_samples`, jitted once per (model config, sampling settings, input shape)."""
+    return _compiled_sampler(model.config, _sampling_only(decode))(params, inputs, key)
 
 
 @functools.cache
 def _compiled(config: ModelConfig, settings: DecodeConfig):
-    search = dict(
-        beam_size=settings.beam_size,
-        alpha=settings.length_penalty,
-        max_extra=settings.max_extra,
-        no_repeat_ngram=settings.no_repeat_ngram,
-    )
-    function = functools.partial(decode_n_best, n_best=settings.mbr) if settings.mbr else decode
-    return jax.jit(functools.partial(function, Transformer(config), **search))
+    model = Transformer(config)
+    if settings.mbr:
+        return jax.jit(
+            functools.partial(decode_n_best, model, settings=settings, n_best=settings.mbr)
+        )
+    return jax.jit(functools.partial(decode, model, settings=settings))
 
 
 PAPER_SEARCH = DecodeConfig()  # beam 4, length penalty 0.6, input + 50
@@ -489,5 +472,4 @@ def translate(
     """Beam search as `decode` configures it, jitted once per (model config, search
     settings, input shape): output ids [B, L], or with decode.mbr = N > 0 the N best
     and their scores (`decode_n_best`)."""
-    search_only = dataclasses.replace(decode, mbr_samples=0, mbr_epsilon=0.0, mbr_seed=0)
-    return _compiled(model.config, search_only)(params, inputs)
+    return _compiled(model.config, _search_only(decode))(params, inputs)

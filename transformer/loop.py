@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from transformer import checkpoint, flops, metrics, record, sharding
+from transformer import checkpoint, config, flops, metrics, record, sharding
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.evaluation import Evaluator
@@ -64,7 +64,7 @@ class Setup:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
-    decode: DecodeConfig = DecodeConfig()
+    decode: DecodeConfig
     workdir: str
     mesh: str = "data:-1"
     init_from: str | None = None  # a workdir whose latest parameters start this run
@@ -79,6 +79,7 @@ def train_and_evaluate(setup: Setup) -> dict:
 
     Returns the final figures (also written to workdir/results.json).
     """
+    config.check_batch_split(setup.data, setup.train)
     sizes = sharding.parse_mesh(setup.mesh, jax.device_count())
     sharding.check_divisibility(sizes, setup.model, _packed_rows(setup.data))
     mesh = sharding.make_mesh(sizes)
@@ -265,6 +266,8 @@ class Run:
                         )
                 if saver.due(step):
                     saver.save(step, state, clock.training_seconds())
+            if progress.pending:  # the last steps' line; a NaN among them stops here too
+                progress.report(step, clock.minutes_left(step))
         except FloatingPointError as e:
             saver.close()
             raise FloatingPointError(
@@ -274,8 +277,6 @@ class Run:
             ) from None
         finally:
             iterator.close()  # stops grain's worker processes, if any
-        if progress.pending:
-            progress.report(step, clock.minutes_left(step))
         if step != saver.saved_step:
             saver.save(step, state, clock.training_seconds())
         saver.close()

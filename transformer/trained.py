@@ -1,7 +1,7 @@
 """A trained model from its workdir: configs, vocabulary and parameters, one or averaged.
 
 Training leaves in its workdir everything that translation needs (its config,
-vocabulary and checkpoints: transformer/workdir.py), so that `load(workdir)` is
+vocabulary and checkpoints: transformer/record.py), so that `load(workdir)` is
 all a user of a trained model calls.
 
 Checkpoint averaging (the paper's section 6.1: the last 5 checkpoints of the
