@@ -3,7 +3,6 @@
 import resource
 
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.cli import UserError
 from transformer.config import EOS_ID
@@ -25,23 +24,6 @@ def positive_ints(name: str, values: list[str]) -> list[int]:
             f"--{name} takes positive integers separated by commas, got {','.join(values)!r}"
         )
     return numbers
-
-
-def packed_batch(rows: int, length: int, vocab: int, segments: int = 4) -> dict:
-    """Rows full of `segments` examples each, random ids (the content does not matter)."""
-    rng = np.random.default_rng(0)
-    size = length // segments
-    positions = np.tile(np.arange(size), segments)[None].repeat(rows, 0)
-    segment_ids = np.repeat(np.arange(1, segments + 1), size)[None].repeat(rows, 0)
-    batch = {
-        "inputs_positions": positions,
-        "targets_positions": positions,
-        "inputs_segmentation": segment_ids,
-        "targets_segmentation": segment_ids,
-    }
-    for name in ("inputs", "targets"):
-        batch[name] = rng.integers(4, vocab, (rows, length)).astype(np.int32)
-    return {k: v.astype(np.int32) for k, v in batch.items()}
 
 
 def eos_only_at_the_end(step_fn, steps: int):

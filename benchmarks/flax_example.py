@@ -41,10 +41,11 @@ import numpy as np
 import optax
 from absl import flags
 
-from benchmarks import eos_only_at_the_end, packed_batch, peak_rss_gib
+from benchmarks import eos_only_at_the_end, peak_rss_gib
 from experiments import cli
 from transformer import config, decoding, sharding, train
 from transformer.config import EOS_ID
+from transformer.data.batching import random_packed
 from transformer.model import Transformer
 
 _EXAMPLE = flags.DEFINE_string("example", None, "The Flax WMT example's folder.")
@@ -124,7 +125,7 @@ def our_step(size: str) -> tuple[float, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, 0, mesh)
         step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
-        batch = sharding.global_batch(mesh, packed_batch(rows, length, vocab))
+        batch = sharding.global_batch(mesh, random_packed(rows, length, vocab))
         return _timed(step, state, (batch, np.float32(1.0)), _REPEATS.value)
 
 
@@ -142,7 +143,7 @@ def example_step(size: str) -> tuple[float, float]:
     models = _load("models")
     _, _, _, vocab, rows, length = SIZES[size]
     model = models.Transformer(_example_config(models, size, deterministic=False))
-    batch = {k: jnp.asarray(v) for k, v in packed_batch(rows, length, vocab).items()}
+    batch = {k: jnp.asarray(v) for k, v in random_packed(rows, length, vocab).items()}
     keys = ("inputs_positions", "targets_positions", "inputs_segmentation", "targets_segmentation")
     extra = {k: batch[k] for k in keys}
     params = model.init(jax.random.key(0), batch["inputs"], batch["targets"], **extra)["params"]

@@ -22,9 +22,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from benchmarks import packed_batch, peak_rss_gib, positive_ints
+from benchmarks import peak_rss_gib, positive_ints
 from experiments import cli, config_flags
 from transformer import config, flops, sharding, train
+from transformer.data.batching import random_packed
 from transformer.model import Transformer
 
 _PRESETS = flags.DEFINE_list("preset", ["base"], "Presets to measure.")
@@ -51,7 +52,7 @@ def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dic
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, 0, mesh)
         step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
-        batch = sharding.global_batch(mesh, packed_batch(rows, length, model_cfg.vocab_size))
+        batch = sharding.global_batch(mesh, random_packed(rows, length, model_cfg.vocab_size))
         start = time.perf_counter()
         one = np.float32(1.0)  # the learning rate's factor
         compiled = step.lower(state, batch, one).compile()

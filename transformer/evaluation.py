@@ -74,11 +74,6 @@ class Evaluator:
             "accuracy": totals["correct"] / tokens,
         }
 
-    def translator(self, params, on_progress=None) -> Translator:
-        return Translator(
-            self.model, params, self.vocab, self.decode, mesh=self.mesh, on_progress=on_progress
-        )
-
     def bleu(self, params, split: str, limit: int | None = None) -> tuple[dict, list, list, list]:
         """(scores, sources, hypotheses, references) on the first `limit` examples of a split.
 
@@ -90,9 +85,12 @@ class Evaluator:
         sources = [s for s, _ in pairs]
         references = [t for _, t in pairs]
         meter = None if limit else Meter(f"translating the {split} split", None, "sentences")
-        translator = self.translator(params, None if meter is None else meter.update)
+        translator = Translator(
+            self.model, params, self.vocab, self.decode, mesh=self.mesh,
+            on_progress=meter and meter.update,
+        )  # fmt: skip
         hypotheses = translator.translate(sources)
-        if meter is not None:
+        if meter:
             meter.finish()
         lang = self.data.languages()[1]
         return (

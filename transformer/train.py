@@ -22,6 +22,7 @@ import optax
 
 from transformer import sharding
 from transformer.config import ModelConfig, TrainConfig
+from transformer.data.batching import random_packed
 from transformer.model import Transformer
 
 # ----------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def seconds_per_step(
     model_cfg: ModelConfig, train: TrainConfig, mesh, rows: int, length: int, repeats: int = 3
 ) -> float:
     """Median wall time of the compiled train step over `mesh`, on a batch of `rows`
-    full rows of `length` random tokens: what this host will spend on a step.
+    packed rows of `length` random tokens: what this host will spend on a step.
 
     Compiles the step once (seconds on a CPU); every process measures alike.
     """
@@ -311,14 +312,8 @@ def seconds_per_step(
     optimizer = make_optimizer(model_cfg, train)
     state, shardings = create_state(model, optimizer, train.seed, mesh)
     step = jit_train_step(model, optimizer, train, mesh, shardings)
-    rng = np.random.default_rng(0)
-    tokens = lambda: rng.integers(4, model_cfg.vocab_size, (rows, length), np.int32)  # noqa: E731
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
-    batch = {"inputs": tokens(), "targets": tokens()}
-    batch.update(inputs_positions=positions, targets_positions=positions)
-    batch.update(inputs_segmentation=np.ones((rows, length), np.int32))
-    batch.update(targets_segmentation=np.ones((rows, length), np.int32))
-    batch = sharding.global_batch(mesh, batch, process_local=False)
+    local = random_packed(rows, length, model_cfg.vocab_size)
+    batch = sharding.global_batch(mesh, local, process_local=False)
     state, metrics = step(state, batch, np.float32(0.0))  # compiles; a zero learning rate
     jax.block_until_ready(metrics)
     times = []

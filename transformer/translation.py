@@ -106,9 +106,7 @@ class Translator:
             candidates = [self.vocab.decode(r) for r in rows[row_scores > decoding.NEG_INF / 2]]
             if references is not None:
                 references = [self.vocab.decode(r) for r in references]
-            chosen.append(
-                candidates[minimum_bayes_risk(candidates, references)] if candidates else ""
-            )
+            chosen.append(candidates[minimum_bayes_risk(candidates, references)])
         return chosen
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:

@@ -120,3 +120,22 @@ def bucket(
                 (b, [np.asarray([r], np.int64) for r in rows] + [np.zeros(0, np.int64)] * padding)
             )
     return batches
+
+
+def random_packed(rows: int, length: int, vocab: int, segments: int = 4) -> dict[str, np.ndarray]:
+    """A packed batch of random ids, every row full with `segments` examples: for
+    timing a step, where the content does not matter."""
+    rng = np.random.default_rng(0)
+    size = max(1, length // segments)
+    segment = np.minimum(np.arange(length) // size, segments - 1)  # the last one takes the rest
+    positions = np.broadcast_to(np.arange(length) - segment * size, (rows, length))
+    segment_ids = np.broadcast_to(segment + 1, (rows, length))
+    batch = {
+        "inputs_positions": positions,
+        "targets_positions": positions,
+        "inputs_segmentation": segment_ids,
+        "targets_segmentation": segment_ids,
+    }
+    for name in ("inputs", "targets"):
+        batch[name] = rng.integers(4, vocab, (rows, length))
+    return {k: np.ascontiguousarray(v, np.int32) for k, v in batch.items()}
