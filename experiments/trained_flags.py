@@ -49,6 +49,7 @@ def decode_config(recorded: config.DecodeConfig) -> config.DecodeConfig:
     final scores are reproduced by default. --mbr=0 turns the workdir's MBR off,
     samples and all; so does a --beam_size below the workdir's MBR size."""
     changes = config_flags.given(config.DecodeConfig)
+    config.check_settings(recorded.replace(**changes))  # each value alone, before the rule below
     beam = changes.get("beam_size", recorded.beam_size)
     if "mbr" not in changes and recorded.mbr > beam:
         print(
