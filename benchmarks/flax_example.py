@@ -202,7 +202,7 @@ def our_beam(size: str) -> tuple[float, float]:
         step_fn = eos_only_at_the_end(step_fn, OUTPUT_STEPS)
         max_lengths = jnp.full((SOURCES,), OUTPUT_STEPS)
         tokens, _, _ = decoding.beam_search(
-            step_fn, decoding.reorder_lineage, cache, max_lengths,
+            step_fn, decoding.reorder_cache, cache, max_lengths,
             length=OUTPUT_STEPS, beam_size=BEAM, alpha=0.6,
         )  # fmt: skip
         return tokens[:, 0]

@@ -3,6 +3,7 @@ r"""Parameter counts: the formula per component beside the real model, and Table
   python -m experiments.params --preset=base          # breakdown of one model
   python -m experiments.params --preset=big --noshare_embeddings
   python -m experiments.params --table3               # every Table 3 row vs the paper
+  python -m experiments.params --preset=cpu --architecture=lstm   # the recurrent baseline
 
 Counts use a shared vocabulary of 37000 pieces unless --vocab_size says otherwise.
 Nothing is allocated: the real count comes from jax.eval_shape.
@@ -16,7 +17,7 @@ from absl import flags
 
 from experiments import cli, config_flags, model_flags
 from transformer import config
-from transformer.analysis.params import COMPONENTS, formula_counts, real_counts
+from transformer.analysis.params import components, formula_counts, real_counts
 
 _TABLE3 = flags.DEFINE_bool("table3", False, "Print every row of the paper's Table 3.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON lines instead of a table.")
@@ -29,11 +30,11 @@ def _millions(n: int) -> str:
 def print_breakdown(model: config.ModelConfig, as_json: bool) -> None:
     formula, real = formula_counts(model), real_counts(model)
     if as_json:
-        for name in COMPONENTS:
+        for name in components(model):
             print(json.dumps({"component": name, "formula": formula[name], "real": real[name]}))
         return
     print(f"{'component':<24}{'formula':>14}{'real model':>14}  match")
-    for name in COMPONENTS:
+    for name in components(model):
         match = "yes" if formula[name] == real[name] else "NO"
         print(f"{name:<24}{formula[name]:>14,}{real[name]:>14,}  {match}")
 

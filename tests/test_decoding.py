@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from transformer import decoding
+from transformer.architecture import build
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig
 from transformer.model import Transformer
 
@@ -321,6 +322,17 @@ def tiny_model(tiny):
     return model, params
 
 
+@pytest.fixture(scope="module", params=["transformer", "lstm"])
+def each_model(request, tiny, tiny_model):
+    """The tiny Transformer, then the LSTM baseline: the search must treat both alike."""
+    if request.param == "transformer":
+        return tiny_model
+    model = build(tiny.replace(architecture="lstm"))
+    x = jnp.ones((2, 6), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(3), x, x)["params"])
+    return model, params
+
+
 def sources(make_tokens):
     x = np.array(make_tokens((3, 7)))
     x[:, -1] = EOS_ID
@@ -346,8 +358,8 @@ def greedy_without_cache(model, params, inputs, length):
     return out
 
 
-def test_cached_greedy_equals_uncached_greedy(tiny_model, make_tokens):
-    model, params = tiny_model
+def test_cached_greedy_equals_uncached_greedy(each_model, make_tokens):
+    model, params = each_model
     inputs = sources(make_tokens)
     cached = decoding.decode(model, params, inputs, DecodeConfig(beam_size=1, max_extra=3))
     length = decoding.output_length(model.config, inputs.shape[1], 3)
@@ -360,8 +372,8 @@ def test_cached_greedy_equals_uncached_greedy(tiny_model, make_tokens):
         assert trimmed(row_cached) == trimmed(row_full)
 
 
-def test_beam_one_equals_greedy_on_the_model(tiny_model, make_tokens):
-    model, params = tiny_model
+def test_beam_one_equals_greedy_on_the_model(each_model, make_tokens):
+    model, params = each_model
     inputs = sources(make_tokens)
     greedy = decoding.decode(model, params, inputs, DecodeConfig(beam_size=1))
     step_fn_tokens = decoding.translate(model, params, inputs, DecodeConfig(beam_size=1))
@@ -377,7 +389,7 @@ def _beam_on_model(model, params, inputs, beam_size, alpha):
     step_fn, cache = decoding.model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     tokens, _, _ = decoding.beam_search(
         step_fn,
-        decoding.reorder_lineage,
+        decoding.reorder_cache,
         cache,
         decoding.max_output_lengths(inputs, 50, length),
         length=length,
@@ -387,9 +399,9 @@ def _beam_on_model(model, params, inputs, beam_size, alpha):
     return tokens[:, 0]
 
 
-def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens):
+def test_beam_search_on_the_model_scores_at_least_greedy(each_model, make_tokens):
     """Beam 4's hypothesis is never worse by the search's own score than greedy's."""
-    model, params = tiny_model
+    model, params = each_model
     inputs = sources(make_tokens)
     beam = np.asarray(decoding.translate(model, params, inputs, DecodeConfig()))
     greedy = np.asarray(decoding.translate(model, params, inputs, DecodeConfig(beam_size=1)))
@@ -405,8 +417,8 @@ def test_beam_search_on_the_model_scores_at_least_greedy(tiny_model, make_tokens
     assert (score(beam) >= score(greedy) - 1e-4).all()
 
 
-def test_the_first_of_the_n_best_is_the_translation(tiny_model, make_tokens):
-    model, params = tiny_model
+def test_the_first_of_the_n_best_is_the_translation(each_model, make_tokens):
+    model, params = each_model
     inputs = sources(make_tokens)
     one = decoding.translate(model, params, inputs, DecodeConfig())
     tokens, scores = decoding.translate(model, params, inputs, DecodeConfig(mbr=4))
@@ -432,7 +444,7 @@ def test_reordering_beams_moves_the_lineage_and_no_key_or_value(tiny_model):
         variables["cache"],
     )
     rows = jnp.array([1, 1, 0, 3, 7, 4, 4, 5])  # each beam's parent, within its sentence
-    moved = decoding.reorder_lineage(cache, rows)
+    moved = decoding.reorder_cache(cache, rows)
     for layer in moved["decoder"]:
         self_attention = moved["decoder"][layer]["self_attention"]
         # Sentence b's hypothesis i now reads its parent's history: rows - 4 b.
@@ -507,8 +519,8 @@ def _sampling(samples: int, epsilon: float) -> DecodeConfig:
     return DecodeConfig(mbr=2, mbr_samples=samples, mbr_epsilon=epsilon)
 
 
-def test_samples_at_a_high_epsilon_are_the_greedy_output(tiny_model, make_tokens):
-    model, params = tiny_model
+def test_samples_at_a_high_epsilon_are_the_greedy_output(each_model, make_tokens):
+    model, params = each_model
     inputs = sources(make_tokens)
     greedy = np.asarray(decoding.decode(model, params, inputs, DecodeConfig(beam_size=1)))
     samples = decoding.sample(

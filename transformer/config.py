@@ -104,6 +104,7 @@ class _Config:
 # The model.
 # ----------------------------------------------------------------------------
 
+ARCHITECTURES = ("transformer", "lstm")
 DTYPES = ("float32", "bfloat16")
 POSITIONAL = ("sinusoidal", "learned")
 LAYER_NORMS = ("post", "pre")
@@ -117,6 +118,13 @@ class ModelConfig(_Config):
     source/target vocabulary of 37000 pieces.
     """
 
+    architecture: Literal["transformer", "lstm"] = setting(
+        "transformer",
+        "transformer (the paper's model) or lstm (the recurrent baseline of transformer/rnn.py: "
+        "d_model units, the layer counts and dropout apply; the attention and feed-forward "
+        "settings do not).",
+        choices=ARCHITECTURES,
+    )
     vocab_size: int = setting(37000, "Size of the shared SentencePiece vocabulary.", check=positive)
     d_model: int = setting(512, "Model width.", check=positive)
     d_ff: int = setting(2048, "Inner width of the feed-forward blocks.", check=positive)
@@ -274,8 +282,10 @@ def preset(name: str) -> ModelConfig:
 def changed_model(base: ModelConfig, changes: dict) -> ModelConfig:
     """`base` with `changes`, validated. Where the width or the head count changes and
     the per-head sizes are not given, d_k = d_v = d_model / num_heads (the paper's
-    convention, Table 3's rows A), so the division must then be exact."""
-    if {"d_model", "num_heads"} & changes.keys():
+    convention, Table 3's rows A), so the division must then be exact (for the
+    Transformer; the LSTM baseline has no heads)."""
+    recurrent = changes.get("architecture", base.architecture) == "lstm"  # it has no heads
+    if {"d_model", "num_heads"} & changes.keys() and not recurrent:
         d_model = changes.get("d_model", base.d_model)
         heads = changes.get("num_heads", base.num_heads)
         if isinstance(heads, int) and heads > 0 and d_model > 0:  # else validate() names it

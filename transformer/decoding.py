@@ -4,7 +4,8 @@ The search itself (`beam_search`, `greedy_search`) knows nothing about the
 model: it calls `step_fn(cache, tokens [B*W, 1], step) -> (log_probs [B*W, V],
 cache)` once per output position and `reorder_fn(cache, index [B*W])` when
 beams change places. That keeps it testable with a scoring function written by
-hand, and `translate` plugs the Transformer into it.
+hand, and `translate` plugs the model into it (the Transformer, or the LSTM
+baseline of transformer/rnn.py: both have `encode`, `init_cache`, `decode_step`).
 
 What the paper's decoder needs, and how it is done here:
 
@@ -30,10 +31,11 @@ What the paper's decoder needs, and how it is done here:
 - The cache: the decoder's self-attention keys/values grow by one position per
   step, each written into the row of the hypothesis that computed it, and are
   never copied: when beams change places, only a small lineage table [B, W, L]
-  of beam indices follows them (`reorder_lineage`), and attention reads keys and
+  of beam indices follows them (`reorder_cache`), and attention reads keys and
   values through it. The encoder-decoder keys/values are projected once per
   source sentence, at source batch size, and read by all of its beams
-  (transformer/attention.py).
+  (transformer/attention.py). The LSTM baseline's cache is its state per
+  hypothesis row, which does move with its beam (`reorder_cache`).
   The cache is sized to what the batch needs: min(S + max_extra, max_len).
 
 Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
@@ -50,8 +52,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer.architecture import Model, build
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig, ModelConfig
-from transformer.model import Transformer
 
 Cache = Any
 StepFn = Callable[[Cache, jax.Array, jax.Array], tuple[jax.Array, Cache]]
@@ -302,27 +304,30 @@ def _one_token_at_a_time(
 
 
 # ----------------------------------------------------------------------------
-# The Transformer plugged into the search
+# The model plugged into the search
 # ----------------------------------------------------------------------------
 
 
-def reorder_lineage(cache: Cache, rows: jax.Array) -> Cache:
-    """Hypothesis i continues hypothesis rows[i]: gathers the lineage tables only.
+def reorder_cache(cache: Cache, rows: jax.Array) -> Cache:
+    """Hypothesis i continues hypothesis rows[i] [B*W]: gathers what is per hypothesis.
 
-    No key or value moves. The self-attention keys/values stay in the row that
-    wrote them, and each layer's lineage table [B, W, L] (transformer/attention.py)
-    says in which beam's row a hypothesis finds them; gathering its rows hands
-    a hypothesis its parent's history (a parent is always of the same
-    sentence). The cross-attention entries are per source sentence and shared
-    by its beams.
+    The Transformer's self-attention keys/values are not moved: they stay in
+    the row that wrote them, and each layer's lineage table [B, W, L]
+    (transformer/attention.py) says in which beam's row a hypothesis finds
+    them; gathering the table's rows hands a hypothesis its parent's history (a
+    parent is always of the same sentence). The LSTM's states (`state_i`,
+    [B*W, D] each) are gathered themselves. The cross-attention entries are per
+    source sentence and shared by its beams.
     """
 
     def gather(path, leaf):
-        names = {getattr(key, "key", None) for key in path}
-        if "lineage" not in names:
-            return leaf
-        hypotheses = leaf.reshape(-1, leaf.shape[-1])  # [B, W, L] -> [B*W, L]
-        return jnp.take(hypotheses, rows, axis=0).reshape(leaf.shape)
+        names = {str(getattr(key, "key", "")) for key in path}
+        if "lineage" in names:
+            hypotheses = leaf.reshape(-1, leaf.shape[-1])  # [B, W, L] -> [B*W, L]
+            return jnp.take(hypotheses, rows, axis=0).reshape(leaf.shape)
+        if any(name.startswith("state_") for name in names):
+            return jnp.take(leaf, rows, axis=0)
+        return leaf
 
     return jax.tree_util.tree_map_with_path(gather, cache)
 
@@ -332,22 +337,23 @@ def output_length(config: ModelConfig, source_length: int, max_extra: int) -> in
     return max(1, min(source_length + max_extra, config.max_len))
 
 
-def model_step(model: Transformer, params: Any, inputs: jax.Array, hypotheses: int, length: int):
-    """(step_fn, cache) of the Transformer for `hypotheses` rows (a multiple of B).
+def model_step(model: Model, params: Any, inputs: jax.Array, hypotheses: int, length: int):
+    """(step_fn, cache) of the model for `hypotheses` rows (a multiple of B).
 
-    Encodes the source once and projects its keys/values once per layer into
-    the cache; step_fn runs one decoder position and returns float32 log-probs.
+    Encodes the source once and prepares what the decoder reads of it once per
+    sentence in the cache; step_fn runs one decoder position and returns
+    float32 log-probs.
     """
-    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    encoded = model.apply({"params": params}, inputs, method="encode")
     _, variables = model.apply(
         {"params": params}, encoded, hypotheses, length,
-        method=Transformer.init_cache, mutable=["cache"],
+        method="init_cache", mutable=["cache"],
     )  # fmt: skip
 
     def step_fn(cache, tokens, step):
         logits, variables = model.apply(
             {"params": params, "cache": cache}, inputs, tokens, step,
-            method=Transformer.decode_step, mutable=["cache"],
+            method="decode_step", mutable=["cache"],
         )  # fmt: skip
         return log_softmax_grouped(logits[:, 0], inputs.shape[0]), variables["cache"]
 
@@ -372,7 +378,7 @@ def max_output_lengths(inputs: jax.Array, max_extra: int, length: int) -> jax.Ar
     return jnp.minimum(jnp.sum(inputs != PAD_ID, axis=1) + max_extra, length)
 
 
-def decode(model: Transformer, params: Any, inputs: jax.Array, settings: DecodeConfig) -> jax.Array:
+def decode(model: Model, params: Any, inputs: jax.Array, settings: DecodeConfig) -> jax.Array:
     """inputs [B, S] source ids (EOS-terminated, PAD after) -> output ids [B, L].
 
     Beam search as `settings` says (beam size 1: greedy decoding). Rows of the
@@ -390,7 +396,7 @@ def decode(model: Transformer, params: Any, inputs: jax.Array, settings: DecodeC
 
 
 def decode_n_best(
-    model: Transformer, params: Any, inputs: jax.Array, settings: DecodeConfig, *, n_best: int
+    model: Model, params: Any, inputs: jax.Array, settings: DecodeConfig, *, n_best: int
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search's n_best (<= beam_size) best outputs of each source, best first:
     tokens [B, n_best, L] and their scores log P / lp [B, n_best] (NEG_INF where
@@ -400,14 +406,14 @@ def decode_n_best(
     step_fn, cache = model_step(model, params, inputs, inputs.shape[0] * beam_size, length)
     max_lengths = max_output_lengths(inputs, settings.max_extra, length)
     tokens, scores, _ = beam_search(
-        step_fn, reorder_lineage, cache, max_lengths, length=length, beam_size=beam_size,
+        step_fn, reorder_cache, cache, max_lengths, length=length, beam_size=beam_size,
         alpha=settings.length_penalty, no_repeat_ngram=settings.no_repeat_ngram, n_best=n_best,
     )  # fmt: skip
     return tokens, scores
 
 
 def decode_samples(
-    model: Transformer, params: Any, inputs: jax.Array, key: jax.Array, settings: DecodeConfig
+    model: Model, params: Any, inputs: jax.Array, key: jax.Array, settings: DecodeConfig
 ) -> jax.Array:
     """settings.mbr_samples outputs of each source drawn by epsilon sampling
     (settings.mbr_epsilon): tokens [B, N, L].
@@ -443,11 +449,11 @@ def _search_only(settings: DecodeConfig) -> DecodeConfig:
 
 @functools.cache
 def _compiled_sampler(config: ModelConfig, settings: DecodeConfig):
-    return jax.jit(functools.partial(decode_samples, Transformer(config), settings=settings))
+    return jax.jit(functools.partial(decode_samples, build(config), settings=settings))
 
 
 def sample(
-    model: Transformer, params: Any, inputs: jax.Array, key: jax.Array, decode: DecodeConfig
+    model: Model, params: Any, inputs: jax.Array, key: jax.Array, decode: DecodeConfig
 ) -> jax.Array:
     """`decode_samples`, jitted once per (model config, sampling settings, input shape)."""
     return _compiled_sampler(model.config, _sampling_only(decode))(params, inputs, key)
@@ -455,7 +461,7 @@ def sample(
 
 @functools.cache
 def _compiled(config: ModelConfig, settings: DecodeConfig):
-    model = Transformer(config)
+    model = build(config)
     if settings.mbr:
         return jax.jit(
             functools.partial(decode_n_best, model, settings=settings, n_best=settings.mbr)
@@ -467,7 +473,7 @@ PAPER_SEARCH = DecodeConfig()  # beam 4, length penalty 0.6, input + 50
 
 
 def translate(
-    model: Transformer, params: Any, inputs: jax.Array, decode: DecodeConfig = PAPER_SEARCH
+    model: Model, params: Any, inputs: jax.Array, decode: DecodeConfig = PAPER_SEARCH
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Beam search as `decode` configures it, jitted once per (model config, search
     settings, input shape): output ids [B, L], or with decode.mbr = N > 0 the N best

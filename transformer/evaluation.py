@@ -15,10 +15,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from transformer import metrics, sharding
+from transformer.architecture import Model
 from transformer.config import DataConfig, DecodeConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.data.vocab import Vocabulary
-from transformer.model import Transformer
 from transformer.progress import Meter
 from transformer.train import eval_step
 from transformer.translation import Translator
@@ -31,7 +31,7 @@ class Evaluator:
 
     def __init__(
         self,
-        model: Transformer,
+        model: Model,
         vocab: Vocabulary,
         mesh: Mesh,
         *,

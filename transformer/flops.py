@@ -47,6 +47,8 @@ def forward_flops(
 
     attention_scores=False leaves out Q.K^T and weights.V (the part quadratic in length).
     """
+    if c.architecture == "lstm":
+        return float(rows * _recurrent_flops(c, source_len, target_len, attention_scores))
     d, h = c.d_model, c.num_heads
     qk, v = h * c.d_k, h * c.d_v
     projections = 2 * d * (2 * qk + v) + 2 * v * d  # Q, K, V and output, per token
@@ -61,6 +63,22 @@ def forward_flops(
     decoder = c.num_decoder_layers * (t * (projections + feed_forward) + scores(t, t) + cross)
     logits = 2 * t * d * c.vocab_size
     return float(rows * (encoder + decoder + logits))
+
+
+def _recurrent_flops(c: ModelConfig, s: int, t: int, attention_scores: bool) -> float:
+    """The LSTM baseline (transformer/rnn.py), one row: gates from the input and
+    from the state at every position, the attention and the logits."""
+    d = c.d_model
+
+    def lstm(inputs, units):  # per position
+        return 2 * 4 * units * (inputs + units)
+
+    encoder = c.num_encoder_layers * s * (lstm(d, d // 2) + lstm(d, d - d // 2))
+    decoder = c.num_decoder_layers * t * lstm(d, d)
+    attention = 2 * s * d * d + 2 * t * 2 * d * d  # W_a on the source, W_c on [c; h]
+    if attention_scores:
+        attention += 4 * t * s * d
+    return encoder + decoder + attention + 2 * t * d * c.vocab_size
 
 
 def train_step_flops(c: ModelConfig, rows: int, source_len: int, target_len: int) -> float:

@@ -36,10 +36,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from transformer import checkpoint, config, flops, metrics, record, sharding
+from transformer.architecture import build
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.evaluation import Evaluator
-from transformer.model import Transformer
 from transformer.progress import format_duration, say
 from transformer.train import (
     TrainState,
@@ -101,7 +101,7 @@ def train_and_evaluate(setup: Setup) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    model = Transformer(setup.model)
+    model = build(setup.model)
     optimizer = make_optimizer(setup.model, setup.train)
     peak, peak_source = flops.device_peak(setup.model.dtype)  # outside the mesh: one device
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):

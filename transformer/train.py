@@ -21,9 +21,9 @@ import numpy as np
 import optax
 
 from transformer import sharding
+from transformer.architecture import Model, build
 from transformer.config import ModelConfig, TrainConfig
 from transformer.data.batching import random_packed
-from transformer.model import Transformer
 
 # ----------------------------------------------------------------------------
 # State, schedule, optimizer
@@ -143,7 +143,7 @@ def _model_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in _PACKING_KEYS if key in batch}
 
 
-def loss_sums(params, batch, rng, model: Transformer, smoothing: float, deterministic: bool):
+def loss_sums(params, batch, rng, model: Model, smoothing: float, deterministic: bool):
     """(sum of the smoothed loss, all sums) of one batch; differentiable in params."""
     rngs = None if rng is None else {"dropout": rng}
     logits = model.apply(
@@ -202,7 +202,7 @@ def train_step(
     batch: dict,
     lr_factor: jax.Array | float = 1.0,
     *,
-    model: Transformer,
+    model: Model,
     optimizer: optax.GradientTransformation,
     train: TrainConfig,
 ):
@@ -257,7 +257,7 @@ def jit_train_step(model, optimizer, train: TrainConfig, mesh, state_shardings):
     )
 
 
-def eval_step(params, batch: dict, *, model: Transformer, smoothing: float) -> dict:
+def eval_step(params, batch: dict, *, model: Model, smoothing: float) -> dict:
     """Loss sums of one evaluation batch (no dropout)."""
     _, sums = loss_sums(params, batch, None, model, smoothing, True)
     return sums
@@ -268,7 +268,7 @@ def eval_step(params, batch: dict, *, model: Transformer, smoothing: float) -> d
 # ----------------------------------------------------------------------------
 
 
-def init_fn(model: Transformer, optimizer, seed: int, row_length: int = 8):
+def init_fn(model: Model, optimizer, seed: int, row_length: int = 8):
     """rng -> a boxed TrainState (parameters carry their logical axis names)."""
 
     def init(rng):
@@ -308,7 +308,7 @@ def seconds_per_step(
 
     Compiles the step once (seconds on a CPU); every process measures alike.
     """
-    model = Transformer(model_cfg)
+    model = build(model_cfg)
     optimizer = make_optimizer(model_cfg, train)
     state, shardings = create_state(model, optimizer, train.seed, mesh)
     step = jit_train_step(model, optimizer, train, mesh, shardings)

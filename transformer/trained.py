@@ -22,17 +22,17 @@ import numpy as np
 from etils import epath
 
 from transformer import checkpoint, record, sharding
+from transformer.architecture import Model, build
 from transformer.checkpoint import CheckpointError
 from transformer.config import DataConfig, DecodeConfig, ModelConfig
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
-from transformer.model import Transformer
 
 
 @dataclasses.dataclass
 class Trained:
     """What translation needs: the model, its parameters and vocabulary, and the configs."""
 
-    model: Transformer
+    model: Model
     params: Any
     vocab: Vocabulary
     data: DataConfig
@@ -61,7 +61,7 @@ def load_vocab(workdir: str, model: ModelConfig) -> Vocabulary:
 
 def abstract_params(model: ModelConfig) -> Any:
     """ShapeDtypeStructs of the parameters, on the first device."""
-    transformer = Transformer(model)
+    transformer = build(model)
     tokens = jnp.ones((1, 8), jnp.int32)
     mesh = sharding.make_mesh(dict.fromkeys(sharding.MESH_AXES, 1), jax.devices()[:1])
     init = lambda rng: transformer.init(rng, tokens, tokens)["params"]  # noqa: E731
@@ -128,9 +128,7 @@ def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Tra
         others = [s for s in record.checkpoint_steps(workdir) if s not in steps]
         hint = f" (the workdir's other checkpoints: {_listed(others)})" if others else ""
         raise CheckpointError(f"{e}{hint}") from e
-    return Trained(
-        Transformer(model_cfg), params, vocab, configs.data, configs.decode, tuple(steps)
-    )
+    return Trained(build(model_cfg), params, vocab, configs.data, configs.decode, tuple(steps))
 
 
 def write_average(workdir: str, last: int, output: str) -> Trained:

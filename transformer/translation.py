@@ -33,17 +33,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from transformer import decoding, sharding
+from transformer.architecture import Model
 from transformer.config import EOS_ID, DecodeConfig
 from transformer.data.batching import bucket_length, default_boundaries
 from transformer.data.vocab import Vocabulary
-from transformer.model import Transformer
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 
 @dataclasses.dataclass
 class Translator:
-    model: Transformer
+    model: Model
     params: Any
     vocab: Vocabulary
     decode: DecodeConfig = DecodeConfig()

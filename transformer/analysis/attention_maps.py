@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.model import Transformer
+from transformer.architecture import Model
 
 KINDS = {  # (stack, sublayer) -> file name part
     ("encoder", "self_attention"): "encoder_self",
@@ -28,7 +28,7 @@ KINDS = {  # (stack, sublayer) -> file name part
 
 
 def attention_weights(
-    model: Transformer, params: Any, inputs: jax.Array, targets: jax.Array
+    model: Model, params: Any, inputs: jax.Array, targets: jax.Array
 ) -> dict[tuple[str, int], np.ndarray]:
     """inputs [1, S], targets [1, T] -> {(kind, layer): weights [N, T or S, S or T]}."""
     _, state = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
@@ -36,7 +36,8 @@ def attention_weights(
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
         names = [getattr(k, "key", None) for k in path]
         stack = names[0]
-        layer = next(int(n.split("_")[1]) for n in names if n and n.startswith("layer_"))
+        # The LSTM baseline attends once, after its last layer: "layer" 0.
+        layer = next((int(n.split("_")[1]) for n in names if n and n.startswith("layer_")), 0)
         sublayer = next(n for n in names if n in ("self_attention", "cross_attention"))
         found[(KINDS[(stack, sublayer)], layer)] = np.asarray(leaf[0], np.float32)  # [N, Q, K]
     return dict(sorted(found.items()))
@@ -76,7 +77,7 @@ def plot(
 
 
 def write_maps(
-    model: Transformer,
+    model: Model,
     params: Any,
     source_ids: list[int],
     target_ids: list[int],
