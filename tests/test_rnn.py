@@ -23,7 +23,7 @@ from transformer.analysis.params import formula_counts, real_counts
 from transformer.architecture import build
 from transformer.config import EOS_ID, PAD_ID, DecodeConfig
 from transformer.model import shift_right
-from transformer.rnn import RecurrentModel, example_ends, example_starts
+from transformer.rnn import LSTM, RecurrentModel, example_ends, example_starts
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,32 @@ def test_example_boundaries_in_both_reading_directions():
     # Unpacked: one example, then padding.
     assert example_starts(tokens, None).tolist() == [[1, 0, 0, 0, 0, 1]]
     assert example_ends(tokens, None).tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_the_layer_computes_what_flax_lstm_cell_computes(tiny):
+    """Our layer hoists the input's share of the gates out of the recurrence; the
+    recurrence is still flax.linen.LSTMCell's, with the same weights."""
+    units, length = 6, 5
+    layer = LSTM(units, tiny)
+    x = jax.random.normal(jax.random.key(0), (2, length, 4))
+    no_starts = jnp.zeros((2, length), bool)
+    params = nn.unbox(layer.init(jax.random.key(1), x, no_starts)["params"])
+    ours, _ = layer.apply({"params": params}, x, no_starts)
+    gate = lambda w, k: w[:, k * units : (k + 1) * units]  # noqa: E731  # i, f, candidate, o
+    cell_params = {}
+    for k, name in enumerate("ifgo"):
+        cell_params["i" + name] = {"kernel": gate(params["wi"], k)}
+        cell_params["h" + name] = {
+            "kernel": gate(params["wh"], k),
+            "bias": params["bias"][k * units : (k + 1) * units],
+        }
+    cell = nn.LSTMCell(units)
+    carry = cell.initialize_carry(jax.random.key(0), (2, 4))
+    outputs = []
+    for t in range(length):
+        carry, h = cell.apply({"params": cell_params}, carry, x[:, t])
+        outputs.append(h)
+    np.testing.assert_allclose(ours, jnp.stack(outputs, axis=1), atol=1e-5)
 
 
 def test_padding_changes_nothing(lstm, make_tokens):

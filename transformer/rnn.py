@@ -78,8 +78,10 @@ def _gate_bias(key, shape, dtype=jnp.float32):
 class LSTM(nn.Module):
     """One LSTM layer read in one direction: [B, L, D_in] -> [B, L, H].
 
-    The input's share of the gates is one matmul over all positions; only
-    the state's share runs position by position (jax.lax.scan).
+    The recurrence of flax.linen.LSTMCell (the same gates, the same results
+    for the same weights: tests/test_rnn.py), laid out so that the input's
+    share of the gates is one matmul over all positions; only the state's share
+    runs position by position (jax.lax.scan), where the cell would do both.
     """
 
     features: int
