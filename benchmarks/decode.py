@@ -31,6 +31,7 @@ from absl import flags
 from benchmarks import eos_only_at_the_end, peak_rss_gib, positive_ints
 from experiments import cli, model_flags
 from transformer import decoding, flops
+from transformer.architecture import build
 from transformer.config import EOS_ID
 from transformer.model import Transformer
 
@@ -146,7 +147,9 @@ def main(argv):
     if model_flags.dtype_is_auto():  # the faster one here
         model_cfg = model_cfg.replace(dtype=flops.fastest_dtype())
     model_cfg = model_cfg.replace(max_len=max(model_cfg.max_len, _STEPS.value))
-    model = Transformer(model_cfg)
+    if _NAIVE.value and model_cfg.architecture != "transformer":
+        raise cli.UserError("--naive times the Transformer's straightforward decoder; drop it here")
+    model = build(model_cfg)
     tokens = jnp.ones((1, 8), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
     for batch in batches:

@@ -25,8 +25,8 @@ from absl import flags
 from benchmarks import peak_rss_gib, positive_ints
 from experiments import cli, config_flags
 from transformer import config, flops, sharding, train
+from transformer.architecture import build
 from transformer.data.batching import random_packed
-from transformer.model import Transformer
 
 _PRESETS = flags.DEFINE_list("preset", ["base"], "Presets to measure.")
 _DTYPES = flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to measure.")
@@ -48,7 +48,7 @@ def measure(preset: str, dtype: str, rows: int, length: int, peaks: dict) -> dic
     model_cfg = model_config(preset, dtype, length)
     train_cfg = config.TrainConfig()
     mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
-    model, optimizer = Transformer(model_cfg), train.make_optimizer(model_cfg, train_cfg)
+    model, optimizer = build(model_cfg), train.make_optimizer(model_cfg, train_cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, 0, mesh)
         step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)

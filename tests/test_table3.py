@@ -64,9 +64,22 @@ def test_the_table_marks_rows_within_the_seeds_noise():
     lines = {line.split("|")[1].strip(): line for line in table.splitlines() if "|" in line}
     assert lines["(A) h=1"].rstrip(" |").endswith("within noise")
     assert "within noise" not in lines["(A) h=4"]
-    assert "10.50 ± 0.50" in lines["base"] and "2 seeds per row" in table
+    assert "10.50 ± 0.50" in lines["base"] and "Seeds: 2 seeds" in table
     one = table3.summarize({"base": _runs([10.0], [5.0])}, {"base": tiny}, {"base": 0.1})
     assert "One seed per row" in one and "±" not in one
+
+
+def test_seeds_of_the_base_row_alone_measure_the_noise():
+    tiny = config.preset("tiny")
+    results = {
+        "base": _runs([10.0, 11.0, 10.5], [5.0, 6.0, 5.5]),  # range 1.0 each
+        "h1": _runs([11.4], [5.0]),  # perplexity 0.9 above base's mean: within
+        "h4": _runs([11.6], [5.5]),  # perplexity 1.1 above: outside
+    }
+    table = table3.summarize(results, dict.fromkeys(results, tiny), dict.fromkeys(results, 0.1))
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if "|" in line}
+    assert "within noise" in lines["(A) h=1"] and "within noise" not in lines["(A) h=4"]
+    assert "base 3 seeds, the other rows 1" in table
 
 
 # ----------------------------------------------------------------------------
@@ -100,9 +113,25 @@ def test_table3_trains_each_row_once_and_writes_its_table(ding_sample, tmp_path)
     table = (out / "table3.md").read_text()
     assert "(E) learned positions" in table and "One seed per row" in table
     assert (out / "table3.png").read_bytes()[:4] == b"\x89PNG"
+    # experiments.compare reads the same figures off the workdirs.
+    workdirs = [r[0]["workdir"] for r in runs.values()]
+    compared = run_module("experiments.compare", "--workdirs=" + ",".join(workdirs))
+    lines = compared.stdout.decode().splitlines()[2:]
+    for line, (row,) in zip(lines, runs.values(), strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["workdir"] and cells[1].startswith("transformer, d_model 32")
+        assert cells[3] == "3" and cells[7] == "validation"
+        assert cells[6] == f"{row['validation_perplexity']:.2f}"
+        assert cells[8] == f"{row['sacrebleu']:.2f}" and cells[9] == f"{row['chrf']:.2f}"
     again = run_module("experiments.table3", *args).stdout.decode()
     assert "== " not in again  # nothing trained twice
     assert (out / "table3.md").read_text() == table
+
+
+def test_compare_names_a_workdir_without_results(tmp_path):
+    result = run_module("experiments.compare", f"--workdirs={tmp_path}", check=False)
+    assert result.returncode == 1
+    assert "has no results.json" in result.stderr.decode().strip()
 
 
 def test_table3_refuses_a_bad_row_at_once(tmp_path):

@@ -103,8 +103,8 @@ def summarize(results: dict[str, list[dict]], models: dict[str, ModelConfig], re
 
     results[name]: the runs' metrics (METRICS, "params", "steps"); models and
     recipes[name]: the settings each row trained with. A row whose BLEU and
-    perplexity both lie within the seeds' spread of the base row is marked
-    "within noise"; with one seed the spread is not known, and the table says so.
+    perplexity both lie within the seeds' range around the base row is marked
+    "within noise"; with one base seed the range is not known, and the table says so.
     """
     header = (
         "| row | N | d_model | d_ff | h | d_k | d_v | P_drop | eps_ls | positions | params "
@@ -125,24 +125,37 @@ def summarize(results: dict[str, list[dict]], models: dict[str, ModelConfig], re
             _noise_note(name, runs, base),
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    seeds = min(len(runs) for runs in results.values())
-    note = (
-        f"\n{seeds} seeds per row: mean ± half the range.\n"
-        if seeds > 1
-        else "\nOne seed per row: the seed-to-seed spread is not measured, so no "
-        "difference here is known to exceed the noise; run with --seeds=3 to measure it.\n"
+    return header + "\n".join(lines) + "\n\n" + _seeds_note(results) + "\n"
+
+
+def _seeds_note(results: dict[str, list[dict]]) -> str:
+    counts = {name: len(runs) for name, runs in results.items()}
+    base, others = counts.get("base", 0), [n for k, n in counts.items() if k != "base"]
+    if base < 2:
+        return (
+            "One seed per row: the seed-to-seed spread is not measured, so no difference "
+            "here is known to exceed the noise; --base_seeds=3 measures it."
+        )
+    seeds = (
+        f"{base} seeds"
+        if not others or set(others) == {base}
+        else (f"base {base} seeds, the other rows {', '.join(sorted(set(map(str, others))))}")
     )
-    return header + "\n".join(lines) + "\n" + note
+    return (
+        f'Seeds: {seeds}; mean ± half the range. "within noise": the row\'s perplexity and '
+        "sacreBLEU both differ from the base row's mean by no more than the range of the "
+        "base row's seeds (or of the row's own, if wider)."
+    )
 
 
 def _noise_note(name: str, runs: list[dict], base: list[dict] | None) -> str:
-    if name == "base" or base is None or len(runs) < 2 or len(base) < 2:
+    if name == "base" or base is None or len(base) < 2:
         return ""
     within = True
     for key in ("validation_perplexity", "sacrebleu"):
         mine, theirs = [r[key] for r in runs], [r[key] for r in base]
-        noise = max(_mean_spread(mine)[1], _mean_spread(theirs)[1])
-        within &= abs(statistics.fmean(mine) - statistics.fmean(theirs)) <= 2 * noise
+        noise = max(max(v) - min(v) for v in (mine, theirs))
+        within &= abs(statistics.fmean(mine) - statistics.fmean(theirs)) <= noise
     return "within noise" if within else ""
 
 
