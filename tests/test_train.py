@@ -17,6 +17,7 @@ import pytest
 from conftest import tiny_training_args
 
 from transformer import checkpoint, config, record, sharding, train
+from transformer.architecture import build
 from transformer.data import datasets, pipeline
 from transformer.model import Transformer
 
@@ -101,7 +102,7 @@ def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
     devices = jax.devices()[:1] if devices is None else devices
     sizes = sharding.parse_mesh(mesh_spec, len(devices))
     mesh = sharding.make_mesh(sizes, devices)
-    model = Transformer(model_cfg)
+    model = build(model_cfg)
     optimizer = train.make_optimizer(model_cfg, train_cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, train_cfg.seed, mesh)
@@ -146,6 +147,15 @@ def one_device(batches):
 def test_eight_devices_give_the_same_losses_as_one(batches, one_device, mesh_spec):
     one, params_one = one_device
     eight, params_eight = _run_steps(MODEL, TRAIN, batches, mesh_spec, jax.devices()[:8])
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    _assert_params_close(params_one, params_eight, atol=2e-3)
+
+
+def test_the_lstm_baseline_on_eight_devices_gives_the_same_losses_as_one(batches):
+    lstm = MODEL.replace(architecture="lstm")
+    one, params_one = _run_steps(lstm, TRAIN, batches[:2])
+    eight, params_eight = _run_steps(lstm, TRAIN, batches[:2], "data:4,tensor:2", jax.devices()[:8])
+    assert one[1] < one[0]  # it learns
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     _assert_params_close(params_one, params_eight, atol=2e-3)
 
