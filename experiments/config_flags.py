@@ -25,18 +25,18 @@ def define(
     only: tuple[str, ...] = (),
     skip: tuple[str, ...] = (),
     defaults: dict | None = None,
-    extra_choices: tuple = (),
+    extra_choices: dict[str, tuple] | None = None,
     note: str = "",
 ) -> None:
     """One absl flag per field of the dataclass `cls`, typed by its default.
 
     `only`: these fields alone (default: all); `skip`: fields without a flag.
     `defaults`: an entry point's own defaults, shown in the help (the base it
-    passes to update() must hold them too). `extra_choices`: values a choice
-    flag takes beyond the field's (such as --dtype=auto). `note` ends every
+    passes to update() must hold them too). `extra_choices`: {field: values} a choice
+    flag takes beyond the field's (such as {"dtype": ("auto",)}). `note` ends every
     help line (say where the value comes from when not given).
     """
-    defaults = defaults or {}
+    defaults, extra_choices = defaults or {}, extra_choices or {}
     for field in dataclasses.fields(cls):
         if field.name in skip or (only and field.name not in only):
             continue
@@ -44,7 +44,7 @@ def define(
         help_text = field.metadata.get("help", field.name) + note
         choices = field.metadata.get("choices")
         if choices:
-            options = [*choices, *extra_choices]
+            options = [*choices, *extra_choices.get(field.name, ())]
             flags.DEFINE_enum(field.name, default, options, help_text)
         elif isinstance(default, bool):
             flags.DEFINE_bool(field.name, default, help_text)

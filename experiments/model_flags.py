@@ -27,7 +27,7 @@ _NUM_LAYERS = flags.DEFINE_integer(
 )
 config_flags.define(
     config.ModelConfig,
-    extra_choices=("auto",),
+    extra_choices={"dtype": ("auto",)},
     note=" Default: the preset's (shown: the base model's).",
 )
 flags.FLAGS[

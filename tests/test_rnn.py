@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_module, tiny_training_args
 
-from tests.conftest import run_module, tiny_training_args
 from transformer import decoding
 from transformer.analysis.params import formula_counts, real_counts
 from transformer.architecture import build

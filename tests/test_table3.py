@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_module
 
-from tests.conftest import run_module
 from transformer import config
 from transformer.analysis import table3
 

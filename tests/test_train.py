@@ -309,6 +309,7 @@ def test_every_shipped_flagfile_validates(name):
         (["--mesh=model:2"], "mesh axis 'model' unknown"),
         (["--label_smoothing=1.5"], "label_smoothing"),
         (["--lr_decay=cosine"], "--lr_decay"),
+        (["--architecture=auto"], "value should be one of <transformer|lstm>"),
         (["--final_eval_split=bogus"], "--final_eval_split=bogus: value should be one of"),
         (["--check_only", "--mesh=garbage"], "mesh must look like"),
         (["--check_only", "--mesh=model:2"], "mesh axis 'model' unknown"),
