@@ -39,16 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer.attention import combine_masks, padding_mask, segment_mask
+from transformer.attention import _NEG_INF, combine_masks, padding_mask, segment_mask
 from transformer.config import ModelConfig
 from transformer.matmul import matmul
-from transformer.model import Embed, OutputLayer, shift_right
-
-NEG_INF = -1.0e9
-
-
-def _partitioned(init, names):
-    return nn.with_logical_partitioning(init, names)
+from transformer.model import Embed, OutputLayer, _partitioned, shift_right
 
 
 def example_starts(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:
@@ -181,7 +175,7 @@ class RecurrentDecoder(nn.Module):
             "BTD,BSD->BTS", h.astype(dtype), keys.astype(dtype),
             preferred_element_type=jnp.float32,
         ) / math.sqrt(self.config.d_model)  # fmt: skip
-        weights = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)  # [B, T, S]
+        weights = jax.nn.softmax(jnp.where(mask, scores, _NEG_INF), axis=-1)  # [B, T, S]
         self.sow("intermediates", "cross_attention", weights[:, None])  # one "head": [B, 1, T, S]
         context = jnp.einsum(
             "BTS,BSD->BTD", weights.astype(dtype), encoded.astype(dtype),
