@@ -526,9 +526,17 @@ def test_samples_at_a_high_epsilon_are_the_greedy_output(each_model, make_tokens
     samples = decoding.sample(
         model, params, inputs, jax.random.key(0), _sampling(3, epsilon=0.99)
     )  # only the most likely token reaches 0.99
-    assert samples.shape == (3, 3, greedy.shape[1])
+    # Samples stop at twice the padded source + 10: the greedy output up to there, then EOS.
+    length = decoding.sample_length(model.config, inputs.shape[1], 50)
+    assert length == 2 * inputs.shape[1] + 10 < greedy.shape[1]
+    assert samples.shape == (3, 3, length)
+    cut = 0
     for row, drawn in zip(greedy, np.asarray(samples), strict=True):
-        assert all(trimmed(sample) == trimmed(row) for sample in drawn)
+        expected = trimmed(row)
+        if len(expected) > length:
+            expected, cut = (*expected[: length - 1], EOS_ID), cut + 1
+        assert all(trimmed(sample) == expected for sample in drawn)
+    assert cut > 0  # an untrained model's greedy output runs past the samples' cap
     varied = np.asarray(
         decoding.sample(model, params, inputs, jax.random.key(0), _sampling(4, epsilon=0.0))
     )

@@ -70,16 +70,18 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 
 def dot_product_attention_weights(
-    query: jax.Array, key: jax.Array, mask: jax.Array | None
+    query: jax.Array, key: jax.Array, mask: jax.Array | None, *, heads_major: bool = False
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)), in float32 whatever the input dtype.
 
-    query [B, T, N, K], key [B, S, N, K], mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
+    query [B, T, N, K], key [B, S, N, K] ([B, N, S, K] if heads_major),
+    mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
     """
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
     # Heads-major operands make both this matmul and its gradients plain batched
     # matmuls, which every backend runs in the compute dtype.
-    query, key = query.transpose(0, 2, 1, 3), key.transpose(0, 2, 1, 3)  # [B, N, T|S, K]
+    query = query.transpose(0, 2, 1, 3)  # [B, N, T, K]
+    key = key if heads_major else key.transpose(0, 2, 1, 3)  # [B, N, S, K]
     logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
     if mask is not None:
         logits = jnp.where(mask, logits, _NEG_INF)
@@ -94,16 +96,19 @@ def dot_product_attention(
     *,
     dropout: nn.Module | None = None,
     deterministic: bool = True,
+    heads_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, returning the weights too.
 
-    query [B, T, N, K], key [B, S, N, K], value [B, S, N, V]
+    query [B, T, N, K], key [B, S, N, K], value [B, S, N, V] (with heads_major:
+    key [B, N, S, K], value [B, N, S, V], as the decoding cache holds them)
     -> output [B, T, N, V] (float32), weights [B, N, T, S] (float32).
     `dropout`, if given, is applied to the weights (attention dropout).
     """
-    weights = dot_product_attention_weights(query, key, mask)
+    weights = dot_product_attention_weights(query, key, mask, heads_major=heads_major)
     dropped = weights if dropout is None else dropout(weights, deterministic=deterministic)
-    out = matmul("BNTS,BNSV->BNTV", dropped, value.transpose(0, 2, 1, 3), value.dtype)
+    value = value if heads_major else value.transpose(0, 2, 1, 3)  # [B, N, S, V]
+    out = matmul("BNTS,BNSV->BNTV", dropped, value, value.dtype)
     return out.transpose(0, 2, 1, 3), weights  # [B, T, N, V]
 
 
@@ -263,8 +268,10 @@ class MultiHeadAttention(nn.Module):
             key = self.key(inputs_q).astype(dtype)
             value = self.value(inputs_q).astype(dtype)
         elif decode_step is not None:
-            key = self.get_variable("cache", "key")
+            key = self.get_variable("cache", "key")  # heads-major: see init_cache
             value = self.get_variable("cache", "value")
+            out = self._attend(query, key, value, mask, deterministic, heads_major=True)
+            return self.out(out)
         else:
             key = self.key(inputs_kv).astype(dtype)
             value = self.value(inputs_kv).astype(dtype)
@@ -292,7 +299,7 @@ class MultiHeadAttention(nn.Module):
             self.put_variable("cache", name, array)
         return cached["key"], cached["value"], cached["lineage"]
 
-    def _attend(self, query, key, value, mask, deterministic):
+    def _attend(self, query, key, value, mask, deterministic, heads_major=False):
         """Queries of a batch that is a multiple of the keys' batch share keys by group."""
         batch, length = query.shape[:2]
         group = batch // key.shape[0]
@@ -302,10 +309,11 @@ class MultiHeadAttention(nn.Module):
         # The fused kernel pays only where there is one (cuDNN); elsewhere our einsums
         # also keep the backward matmuls in the compute dtype (transformer/matmul.py).
         fused = jax.default_backend() == "gpu" and key.shape[-1] == value.shape[-1]
-        if needs_weights or uses_dropout or not fused:
+        if needs_weights or uses_dropout or heads_major or not fused:
             out, weights = dot_product_attention(
-                query, key, value, mask, dropout=self.dropout, deterministic=deterministic
-            )
+                query, key, value, mask, dropout=self.dropout, deterministic=deterministic,
+                heads_major=heads_major,
+            )  # fmt: skip
             self.sow("intermediates", "attention_weights", weights)
         else:
             out = fused_attention(query, key, value, mask)
@@ -319,7 +327,9 @@ class MultiHeadAttention(nn.Module):
         steps, and their lineage [B_src, W, L] (only the batch size of
         `encoded` is used). Cross-attention: the source's keys/values,
         projected once from `encoded` [B_src, S, D]; `batch` may be any
-        multiple of B_src.
+        multiple of B_src. Both are stored heads-major, [B_src, N, S, K|V], the
+        layout the attention's batched matmuls read: stored as projected, [B_src,
+        S, N, K|V], they would be transposed again at every decoding step.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -335,7 +345,7 @@ class MultiHeadAttention(nn.Module):
             own = jnp.arange(width, dtype=jnp.int32)[None, :, None]
             self.put_variable("cache", "lineage", jnp.broadcast_to(own, (sources, width, length)))
         else:
-            key = self.key(encoded).astype(dtype)
-            value = self.value(encoded).astype(dtype)
+            key = self.key(encoded).astype(dtype).transpose(0, 2, 1, 3)
+            value = self.value(encoded).astype(dtype).transpose(0, 2, 1, 3)
         self.put_variable("cache", "key", key)
         self.put_variable("cache", "value", value)

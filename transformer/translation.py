@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from transformer import decoding, sharding
 from transformer.architecture import Model
 from transformer.config import EOS_ID, DecodeConfig
-from transformer.data.batching import bucket_length, default_boundaries
+from transformer.data.batching import bucket, default_boundaries
 from transformer.data.vocab import Vocabulary
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
@@ -110,21 +110,20 @@ class Translator:
         return chosen
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
-        """(text indices, [R, S] ids) under the token budget, shortest texts first."""
-        order = [i for i in np.argsort([len(x) for x in ids], kind="stable") if ids[i]]
-        bounds = default_boundaries(self.model.config.max_len)
-        multiple = _row_multiple(self.mesh)
-        start = 0
-        while start < len(order):
-            length = bucket_length(len(ids[order[start]]), bounds)
-            rows = max(multiple, self.tokens_per_batch // length // multiple * multiple)
-            chosen = order[start : start + rows]
-            length = bucket_length(max(len(ids[i]) for i in chosen), bounds)
-            batch = np.zeros((-(-len(chosen) // multiple) * multiple, length), np.int32)
+        """(text indices, [R, S] ids): texts of one length bucket per batch, R x S within
+        the token budget, shortest buckets first."""
+        lengths = np.asarray([len(x) for x in ids])
+        order = np.asarray([i for i in np.argsort(lengths, kind="stable") if ids[i]], np.int64)
+        planned = bucket(
+            order, lengths, lengths, self.tokens_per_batch,
+            default_boundaries(self.model.config.max_len), _row_multiple(self.mesh),
+        )  # fmt: skip
+        for length, rows in sorted(planned, key=lambda batch: batch[0]):
+            chosen = [int(row[0]) for row in rows if len(row)]
+            batch = np.zeros((len(rows), length), np.int32)
             for r, i in enumerate(chosen):
                 batch[r, : len(ids[i])] = ids[i]
             yield chosen, batch
-            start += len(chosen)
 
     def _decode(self, batch: np.ndarray) -> Any:
         return self._on_device(
