@@ -1,5 +1,6 @@
 """Decoding: beam search against brute force on hand-set probabilities, greedy, the cache."""
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -545,3 +546,35 @@ def test_samples_at_a_high_epsilon_are_the_greedy_output(each_model, make_tokens
     assert len({trimmed(sample) for sample in varied[0]}) > 1  # an untrained model: diverse
     again = decoding.sample(model, params, inputs, jax.random.key(0), _sampling(4, epsilon=0.0))
     np.testing.assert_array_equal(varied, again)
+
+
+def test_sampling_gathers_the_rows_still_decoding_and_changes_no_output():
+    """Rows that end at different steps; the rows still decoding are moved into
+    smaller batches (1/8, then 1/64), and every row's tokens stay the same."""
+    rows, length, vocab = 512, 40, 12
+    ends = jnp.asarray(np.random.default_rng(0).integers(1, length, rows), jnp.int32)
+    batch_sizes = []
+
+    def step_for(row_ids):
+        def step_fn(cache, tokens, step):
+            batch_sizes.append(tokens.shape[0])  # at trace time: once per batch size
+            # A row's own token each step (its id, its last token and the step), EOS at its end.
+            token = (cache["row"] * 7 + tokens[:, 0] * 3 + step) % (vocab - 3) + 3
+            token = jnp.where(step >= cache["end"], EOS_ID, token)
+            log_probs = jnp.where(jnp.arange(vocab) == token[:, None], 0.0, -20.0)
+            return jax.nn.log_softmax(log_probs), cache
+
+        return step_fn
+
+    cache = {"row": jnp.arange(rows), "end": ends}
+    max_lengths = jnp.full((rows,), length)
+    search = functools.partial(
+        decoding.sample_search, max_lengths=max_lengths, key=jax.random.key(0), length=length,
+        epsilon=0.99,
+    )  # fmt: skip
+    plain = np.asarray(search(step_for(None), cache))
+    assert batch_sizes == [rows]
+    gathered = np.asarray(search(step_for(None), cache, step_for_rows=step_for))
+    assert batch_sizes[1:] == [rows, rows // 8, rows // 64]
+    np.testing.assert_array_equal(gathered, plain)
+    np.testing.assert_array_equal([trimmed(r).index(EOS_ID) for r in plain], ends)

@@ -164,6 +164,36 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
         assert all(model.vocab.decode(s) == model.vocab.decode(row) for s in samples)
 
 
+def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, monkeypatch):
+    """8 sources x 8 samples at epsilon 0.99 (each sample the greedy output): once
+    at most 8 rows are left they continue as a batch of 8, and the outputs are greedy's."""
+    model = trained.load(str(trained_workdir))
+    texts = ["Der Hund.", "Die Katze malt die Straße!", "Ein Bäcker kauft Aal.", "Die Tür.",
+             "Das Mädchen sucht die Tür und den Hund.", "Der Mann kauft.", "Unsere Lehrerin malt.",
+             "Die Straße ist kaputt, sagt der Bäcker."]  # fmt: skip
+    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
+    batch = jnp.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids], jnp.int32)
+    sizes = []
+    step_function = decoding.step_function
+
+    def recording(model_, params, inputs):
+        sizes.append(inputs.shape[0])
+        return step_function(model_, params, inputs)
+
+    monkeypatch.setattr(decoding, "step_function", recording)
+    decode = DecodeConfig(mbr=2, mbr_samples=8, mbr_epsilon=0.99)
+    drawn = np.asarray(decoding.decode_samples(
+        model.model, model.params, batch, jax.random.key(0), decode
+    ))  # fmt: skip
+    assert sizes == [64, 8]
+    greedy = np.asarray(decoding.decode(model.model, model.params, batch, DecodeConfig(beam_size=1)))
+    lengths = [list(row).index(EOS_ID) + 1 for row in greedy]
+    assert len(set(lengths)) > 1  # the rows end at different steps
+    for row, samples, n in zip(greedy, drawn, lengths, strict=True):
+        assert all(list(sample[:n]) == list(row[:n]) for sample in samples)
+        assert not samples[:, n:].any()
+
+
 def test_minimum_bayes_risk_picks_the_consensus_candidate():
     agreed = "The weather is nice today."
     candidates = ["Xylophones quarrel loudly.", "The weather is nice today!", agreed, agreed]
@@ -179,6 +209,24 @@ def test_minimum_bayes_risk_picks_the_consensus_candidate():
         Translator(None, None, None, DecodeConfig(mbr_samples=8))
     with pytest.raises(ValueError, match="mbr_epsilon must be in"):
         Translator(None, None, None, DecodeConfig(mbr=2, mbr_samples=8, mbr_epsilon=1.0))
+
+
+def test_minimum_bayes_risk_chooses_as_sacrebleu_sentence_chrf_does():
+    """Against the plain computation with sacreBLEU's public sentence_chrf, on random
+    texts with shared words, punctuation, repeats and an empty string."""
+    rng = np.random.default_rng(0)
+    words = ["the", "weather", "is", "nice", "today", "Wetter", "schön", "ist", "it's", "a", "!"]
+    text = lambda: " ".join(rng.choice(words, rng.integers(0, 7)))  # noqa: E731
+    for _ in range(60):
+        candidates = [text() for _ in range(rng.integers(2, 6))]
+        references = [text() for _ in range(rng.integers(1, 8))] if rng.random() < 0.7 else None
+        against = candidates if references is None else references
+        plain = [
+            sum(sacrebleu.sentence_chrf(c, [r]).score for r in against) for c in candidates
+        ]
+        chosen = minimum_bayes_risk(candidates, references)
+        assert plain[chosen] == pytest.approx(max(plain), abs=1e-9)
+        assert chosen == candidates.index(candidates[chosen])  # the first of equal texts
 
 
 def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):

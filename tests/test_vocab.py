@@ -1,5 +1,6 @@
 """The SentencePiece vocabulary: distinct special ids, round trips, reuse, waiting."""
 
+import random
 import threading
 import time
 
@@ -88,3 +89,25 @@ def test_waiting_times_out_with_a_message(tmp_path):
 def test_too_large_a_vocabulary_for_the_corpus_is_a_clear_error():
     with pytest.raises(DataError, match="cannot train a 5000-piece vocabulary"):
         vocab.train(["ein kleiner Satz", "a small sentence"] * 50, 5000)
+
+
+def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkeypatch, capfd):
+    """The rounds are counted from SentencePiece's own log; the first one says how
+    many will follow, and that count is what then happens."""
+    seen = []
+
+    class Recording(vocab.Meter):
+        def update(self, done, total):
+            seen.append((done, total))
+            super().update(done, total)
+
+    monkeypatch.setattr(vocab, "Meter", Recording)
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(5000)]  # fmt: skip
+    vocab.train([" ".join(rng.choices(words, k=10)) for _ in range(20000)], 2000)
+    total = seen[0][1]
+    assert total > 1 and seen == [(k, total) for k in range(1, total + 1)] + [(total, total)]
+    out, err = capfd.readouterr()
+    assert f"fitting the vocabulary's pieces: {total}/{total} rounds" in out
+    assert "EM sub_iter" not in err and "trainer_spec" not in err

@@ -236,15 +236,25 @@ def sample_search(
     *,
     length: int,
     epsilon: float,
+    step_for_rows: Callable[[jax.Array], StepFn] | None = None,
 ) -> jax.Array:
     """Every row an output drawn from the model, token by token: tokens [R, length].
 
     Epsilon sampling (Hewitt et al., 2022): a token is drawn among those of
     probability at least epsilon (the most likely one always among them), in
     proportion to their probabilities; epsilon 0 draws from the whole vocabulary.
+
+    With `step_for_rows(rows)` (the step function of those rows alone), the
+    rows still drawing are gathered into a batch of 1/8 the size once no more
+    than that remain, and again from there: most samples end near the typical
+    length, a few run on, and the batch no longer pays for the ended rows.
+    Every cache entry must then be per row ([R, ...]), as with one hypothesis
+    per sentence.
     """
     choose = functools.partial(epsilon_sample, epsilon=epsilon)
-    return _one_token_at_a_time(step_fn, cache, max_lengths, choose, key, length=length)
+    return _one_token_at_a_time(
+        step_fn, cache, max_lengths, choose, key, length=length, step_for_rows=step_for_rows
+    )
 
 
 def epsilon_sample(log_probs: jax.Array, key: jax.Array, *, epsilon: float) -> jax.Array:
@@ -264,6 +274,9 @@ def epsilon_sample(log_probs: jax.Array, key: jax.Array, *, epsilon: float) -> j
     return jnp.take_along_axis(tokens, choice[:, None], axis=1)[:, 0]
 
 
+COMPACT_BY = 8  # rows still decoding are gathered into a batch this many times smaller
+
+
 def _one_token_at_a_time(
     step_fn: StepFn,
     cache: Cache,
@@ -273,10 +286,49 @@ def _one_token_at_a_time(
     *,
     length: int,
     no_repeat_ngram: int = 0,
+    step_for_rows: Callable[[jax.Array], StepFn] | None = None,
 ) -> jax.Array:
     """One hypothesis per row, extended by choose(log_probs [R, V], key) until EOS."""
     rows = max_lengths.shape[0]
-    max_lengths = jnp.clip(max_lengths, 1, length)
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        out=jnp.zeros((rows, length), jnp.int32),
+        done=jnp.zeros((rows,), bool),
+    )
+    run = functools.partial(
+        _extend_rows, choose=choose, key=key, length=length, no_repeat_ngram=no_repeat_ngram
+    )
+    return _extend_compacting(run, step_fn, state, jnp.clip(max_lengths, 1, length), step_for_rows)
+
+
+def _extend_compacting(run, step_fn, state, max_lengths, step_for_rows):
+    """`run` to the end; with step_for_rows, in batches of 1/COMPACT_BY the size
+    once few enough rows are left (see `sample_search`)."""
+    rows = max_lengths.shape[0]
+    few = rows // COMPACT_BY
+    if step_for_rows is None or few < COMPACT_BY:
+        return run(step_fn, state, max_lengths, until_alive=0)["out"]
+    state = run(step_fn, state, max_lengths, until_alive=few)
+    # The rows still decoding, padded with an ended row (its writes are PAD over PAD).
+    alive = jnp.nonzero(~state["done"], size=few, fill_value=jnp.argmax(state["done"]))[0]
+    take = lambda x: jnp.take(x, alive, axis=0)  # noqa: E731
+    sub_state = dict(
+        step=state["step"],
+        cache=jax.tree_util.tree_map(take, state["cache"]),
+        out=take(state["out"]),
+        done=take(state["done"]),
+    )
+    sub_step_for_rows = lambda sub: step_for_rows(jnp.take(alive, sub))  # noqa: E731
+    out = _extend_compacting(
+        run, step_for_rows(alive), sub_state, take(max_lengths), sub_step_for_rows
+    )
+    return state["out"].at[alive].set(out)
+
+
+def _extend_rows(step_fn, state, max_lengths, *, choose, key, length, no_repeat_ngram, until_alive):
+    """The loop of `_one_token_at_a_time`, until at most `until_alive` rows are decoding."""
+    rows = max_lengths.shape[0]
 
     def body(state):
         step, cache, out = state["step"], state["cache"], state["out"]
@@ -292,15 +344,9 @@ def _one_token_at_a_time(
         return dict(step=step + 1, cache=cache, out=out, done=done)
 
     def cond(state):
-        return (state["step"] < length) & ~jnp.all(state["done"])
+        return (state["step"] < length) & (jnp.sum(~state["done"]) > until_alive)
 
-    state = dict(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        out=jnp.zeros((rows, length), jnp.int32),
-        done=jnp.zeros((rows,), bool),
-    )
-    return jax.lax.while_loop(cond, body, state)["out"]
+    return jax.lax.while_loop(cond, body, state)
 
 
 # ----------------------------------------------------------------------------
@@ -361,6 +407,11 @@ def model_step(model: Model, params: Any, inputs: jax.Array, hypotheses: int, le
         {"params": params}, encoded, hypotheses, length,
         method="init_cache", mutable=["cache"],
     )  # fmt: skip
+    return step_function(model, params, inputs), variables["cache"]
+
+
+def step_function(model: Model, params: Any, inputs: jax.Array) -> StepFn:
+    """The decoder's step for the sources `inputs` (their padding masks the attention)."""
 
     def step_fn(cache, tokens, step):
         logits, variables = model.apply(
@@ -369,7 +420,7 @@ def model_step(model: Model, params: Any, inputs: jax.Array, hypotheses: int, le
         )  # fmt: skip
         return log_softmax_grouped(logits[:, 0], inputs.shape[0]), variables["cache"]
 
-    return step_fn, variables["cache"]
+    return step_fn
 
 
 def log_softmax_grouped(logits: jax.Array, sources: int) -> jax.Array:
@@ -441,8 +492,9 @@ def decode_samples(
     step_fn, cache = model_step(model, params, inputs, batch * num_samples, length)
     max_lengths = max_output_lengths(inputs, settings.max_extra, length)
     tokens = sample_search(
-        step_fn, cache, max_lengths, key, length=length, epsilon=settings.mbr_epsilon
-    )
+        step_fn, cache, max_lengths, key, length=length, epsilon=settings.mbr_epsilon,
+        step_for_rows=lambda rows: step_function(model, params, jnp.take(inputs, rows, axis=0)),
+    )  # fmt: skip
     return tokens.reshape(batch, num_samples, length)
 
 

@@ -53,7 +53,7 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
                 yield datasets.as_text(record[source.target_lang])
             meter.advance(len(records))
         meter.finish()
-        say("fitting the vocabulary's pieces to the sample (SentencePiece, no progress shown)")
+        say("fitting the vocabulary's pieces to the sample (SentencePiece)")
 
     return load_or_train(epath.Path(workdir) / VOCAB_FILE, sample, vocab_size, is_chief=is_chief)
 

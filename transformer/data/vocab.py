@@ -12,8 +12,13 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
+import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -22,7 +27,7 @@ from etils import epath
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.data import DataError
-from transformer.progress import format_duration, say
+from transformer.progress import Meter, format_duration, say
 
 VOCAB_FILE = "vocab.model"
 
@@ -96,22 +101,67 @@ def train(texts: Iterable[str], vocab_size: int) -> Vocabulary:
 
 
 def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=0.9999,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        bos_id=BOS_ID,
-        unk_id=UNK_ID,
-        shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    with _fitting_progress(vocab_size):
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=0.9999,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            bos_id=BOS_ID,
+            unk_id=UNK_ID,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=0,  # its log is read for the progress, not shown
+        )
+
+
+# SentencePiece's unigram trainer: EM over the seed pieces, then rounds that
+# each keep SHRINK of the pieces, until 1.1 x vocab_size are left.
+_ROUND_ENDS = re.compile(r"EM sub_iter=1 size=(\d+)")
+_SHRINK = 0.75
+
+
+@contextlib.contextmanager
+def _fitting_progress(vocab_size: int):
+    """Shows SentencePiece's pruning rounds as they pass: its log (file
+    descriptor 2) is read from a pipe while it trains. Once the first round has
+    said how many pieces are left, the number of rounds to go is known."""
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    reader = threading.Thread(target=_follow_rounds, args=(read_end, vocab_size), daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees its end
+        os.close(saved)
+        reader.join()
+
+
+def _follow_rounds(read_end: int, vocab_size: int) -> None:
+    meter = None
+    with os.fdopen(read_end, errors="replace") as log:
+        for line in log:
+            found = _ROUND_ENDS.search(line)
+            if not found:
+                continue
+            if meter is None:  # the rounds from this size down to 1.1 x vocab_size
+                left = int(found.group(1)) / (1.1 * vocab_size)
+                rounds = max(1, math.ceil(math.log(max(left, 1.0)) / -math.log(_SHRINK)))
+                meter = Meter("fitting the vocabulary's pieces", rounds, "rounds")
+            meter.update(min(meter.done + 1, meter.total), meter.total)
+    if meter is not None:  # the fit is over, whatever the estimate said
+        meter.update(meter.total, meter.total)
+        meter.finish()
 
 
 def load_or_train(
