@@ -14,7 +14,10 @@ Decoding with a cache (see `MultiHeadAttention.init_cache`):
     beams gathers that table only. The W hypotheses of a sentence attend to
     all W*L entries of its rows, masked to their own history
     (`cached_self_attention`): W times the logits of one position, small
-    beside the projections, and no copy of the cache;
+    beside the projections, and no copy of the cache. The keys are kept
+    transposed, [B, N, K, W*L], the layout in which XLA:CPU multiplies the W
+    queries of a sentence by them fastest (7x at the demo's beam of 8,
+    docs/performance.md);
   * cross-attention keys/values are projected once per source sentence and
     kept at the source batch size. Beam search runs W hypotheses per source:
     their queries [B*W, 1, N, K] are regrouped to [B, W, N, K] so that all
@@ -132,7 +135,7 @@ def cached_self_attention(
     """One decoding position of self-attention over the cache, read in place.
 
     query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
-    out, key [B, N, W*L, K] and value [B, N, W*L, V] (beam-major: entry j*L + l
+    out, key [B, N, K, W*L] and value [B, N, W*L, V] (beam-major: entry j*L + l
     is position l of beam j's row); lineage [B, W, L].
     -> output [B*W, 1, N, V], weights [B, N, W, W*L] (both float32).
     """
@@ -140,7 +143,7 @@ def cached_self_attention(
     heads = key.shape[1]
     query = query.reshape(sources, width, heads, -1).transpose(0, 2, 1, 3)  # [B, N, W, K]
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
-    logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
+    logits = matmul("BNTK,BNKS->BNTS", query, key, query.dtype)
     weights = jax.nn.softmax(jnp.where(lineage_mask(lineage, step), logits, _NEG_INF), axis=-1)
     out = matmul("BNTS,BNSV->BNTV", weights, value, value.dtype)  # [B, N, W, V]
     out = out.transpose(0, 2, 1, 3).reshape(sources * width, 1, heads, -1)
@@ -284,14 +287,18 @@ class MultiHeadAttention(nn.Module):
         lineage = self.get_variable("cache", "lineage")  # [B, W, L]
         sources, width, length = lineage.shape
         cached = {}
-        for name, projection in (("key", self.key), ("value", self.value)):
+        # Keys [B, N, K, W*L] (transposed), values [B, N, W*L, V]: see init_cache.
+        for name, projection, axis in (("key", self.key, 3), ("value", self.value, 2)):
             new = projection(inputs).astype(dtype)  # [B*W, 1, N, K]
-            new = new.reshape(sources, width, *new.shape[2:]).transpose(0, 2, 1, 3)
-            entries = self.get_variable("cache", name)  # [B, N, W*L, K]
+            new = new.reshape(sources, width, *new.shape[2:]).transpose(0, 2, 1, 3)  # [B,N,W,K]
+            if axis == 3:
+                new = new.transpose(0, 1, 3, 2)  # [B, N, K, W]
+            entries = self.get_variable("cache", name)
             for beam in range(width):  # W small in-place writes
                 entries = jax.lax.dynamic_update_slice_in_dim(
-                    entries, new[:, :, beam : beam + 1], beam * length + decode_step, axis=2
-                )
+                    entries, jax.lax.slice_in_dim(new, beam, beam + 1, axis=axis),
+                    beam * length + decode_step, axis=axis,
+                )  # fmt: skip
             cached[name] = entries
         own = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[:, None], (sources, width, 1))
         cached["lineage"] = jax.lax.dynamic_update_slice_in_dim(lineage, own, decode_step, axis=2)
@@ -322,7 +329,7 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
         """Creates the decoding cache.
 
-        Self-attention: zero keys [B_src, N, W*L, K] and values
+        Self-attention: zero keys [B_src, N, K, W*L] and values
         [B_src, N, W*L, V] for `batch` = B_src * W hypotheses of `length`
         steps, and their lineage [B_src, W, L] (only the batch size of
         `encoded` is used). Cross-attention: the source's keys/values,
@@ -338,9 +345,10 @@ class MultiHeadAttention(nn.Module):
             # a sentence's W*L entries are one matrix per head.
             sources = batch if encoded is None else encoded.shape[0]
             width = batch // sources
-            shape = (sources, c.num_heads, width * length)
-            key = jnp.zeros((*shape, c.d_k), dtype)
-            value = jnp.zeros((*shape, c.d_v), dtype)
+            # The keys transposed, [B_src, N, K, W*L]: the layout the W queries of a
+            # sentence are multiplied by fastest (XLA:CPU: 7x at W = 8, K = 48).
+            key = jnp.zeros((sources, c.num_heads, c.d_k, width * length), dtype)
+            value = jnp.zeros((sources, c.num_heads, width * length, c.d_v), dtype)
             # Each hypothesis starts with its own row at every position.
             own = jnp.arange(width, dtype=jnp.int32)[None, :, None]
             self.put_variable("cache", "lineage", jnp.broadcast_to(own, (sources, width, length)))
