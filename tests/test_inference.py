@@ -104,8 +104,7 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
     translator = lambda d: Translator(model.model, model.params, model.vocab, d)  # noqa: E731
     plain = translator(DecodeConfig()).translate(texts)
     chosen = translator(DecodeConfig(mbr=4)).translate(texts)
-    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
-    inputs = jnp.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids])
+    inputs = jnp.asarray(padded_ids(model.vocab, texts))
     tokens, _ = decoding.translate(model.model, model.params, inputs, DecodeConfig(mbr=4))
     n_best = [[model.vocab.decode(row) for row in rows] for rows in np.asarray(tokens)]
     assert [candidates[0] for candidates in n_best] == plain
@@ -135,13 +134,18 @@ def test_translating_reports_its_progress_batch_by_batch(trained_workdir):
     assert [done for done, _ in calls] == sorted({done for done, _ in calls})
 
 
+def padded_ids(vocab, texts: list[str]) -> np.ndarray:
+    """[len(texts), longest] source ids, each ended by EOS, PAD after."""
+    ids = [vocab.encode(t) + [EOS_ID] for t in texts]
+    return np.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids], np.int32)
+
+
 def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, monkeypatch):
     model = trained.load(str(trained_workdir))
     texts = ["Der Hund sieht das Haus.", "Die Katze malt.", "Ein Bäcker kauft einen Aal.",
              "Das Mädchen sucht die Tür.", "Der Mann kauft.", "Unsere Lehrerin malt die Tür!",
              "Die Straße ist kaputt."]  # fmt: skip
-    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
-    batch = np.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids], np.int32)
+    batch = padded_ids(model.vocab, texts)
     rows_seen = []
     sample = decoding.sample
 
@@ -171,8 +175,7 @@ def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, mo
     texts = ["Der Hund.", "Die Katze malt die Straße!", "Ein Bäcker kauft Aal.", "Die Tür.",
              "Das Mädchen sucht die Tür und den Hund.", "Der Mann kauft.", "Unsere Lehrerin malt.",
              "Die Straße ist kaputt, sagt der Bäcker."]  # fmt: skip
-    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
-    batch = jnp.asarray([row + [0] * (max(map(len, ids)) - len(row)) for row in ids], jnp.int32)
+    batch = jnp.asarray(padded_ids(model.vocab, texts))
     sizes = []
     step_function = decoding.step_function
 
