@@ -74,6 +74,12 @@ def test_invalid_train_config_names_the_setting(changes, named):
         ({"mbr_samples": 4}, "mbr_samples needs mbr >= 2"),
         ({"mbr": 2, "mbr_samples": -1}, "mbr_samples must be an integer >= 0"),
         ({"mbr_epsilon": 1.0}, r"mbr_epsilon must be in \[0, 1\)"),
+        (
+            {"mbr": 2, "mbr_samples": 1, "mbr_sample_candidates": True},
+            "mbr_sample_candidates needs mbr_samples >= 2",
+        ),
+        ({"mbr_beta": 0.0}, "mbr_beta must be > 0"),
+        ({"mbr_utility": "bleu"}, "mbr_utility must be one of 'chrf', 'chrf\\+\\+'"),
     ],
 )
 def test_invalid_decode_config_names_the_setting(changes, named):

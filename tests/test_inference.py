@@ -11,10 +11,10 @@ import pytest
 import sacrebleu
 from conftest import run_module
 
-from transformer import decoding, metrics, record, trained
+from transformer import decoding, metrics, record, trained, translation
 from transformer.config import EOS_ID, DecodeConfig
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
-from transformer.translation import Translator, minimum_bayes_risk
+from transformer.translation import Translator, minimum_bayes_risk, sentence_chrf_matrix
 
 
 def _lines(data: bytes) -> list[str]:
@@ -91,7 +91,7 @@ def test_translations_round_trip_through_the_vocabulary(trained_workdir):
         assert model.vocab.decode(model.vocab.encode(text)) == text
 
 
-def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
+def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir, monkeypatch):
     model = trained.load(str(trained_workdir))
     texts = [
         "Der Hund sieht das grüne Haus.",
@@ -118,6 +118,22 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir):
     batch = np.asarray(inputs, np.int32)
     draws = lambda d: translator(d)._sample(batch, 0)  # noqa: E731
     assert not np.array_equal(draws(with_samples), draws(with_samples.replace(mbr_seed=1)))
+
+    # The samples compete: each output is the pick among the N best and the source's draws.
+    competing = with_samples.replace(mbr_sample_candidates=True, mbr_utility="chrf++")
+    calls = []
+
+    def recording(candidates, references, **settings):
+        calls.append((candidates, references, settings))
+        return minimum_bayes_risk(candidates, references, **settings)
+
+    monkeypatch.setattr(translation, "minimum_bayes_risk", recording)
+    among = translator(competing).translate(texts)
+    picks = [(n + r)[minimum_bayes_risk(n, r, **k)] for n, r, k in calls]
+    assert sorted(n[0] for n, _, _ in calls) == sorted(plain)  # one call per source
+    assert all(k["word_order"] == 2 and k["references_compete"] for _, _, k in calls)
+    assert sorted(among) == sorted(picks)
+    assert any(pick not in n for (n, _, _), pick in zip(calls, picks, strict=True))
 
 
 def test_translating_reports_its_progress_batch_by_batch(trained_workdir):
@@ -189,7 +205,9 @@ def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, mo
         model.model, model.params, batch, jax.random.key(0), decode
     ))  # fmt: skip
     assert sizes == [64, 8]
-    greedy = np.asarray(decoding.decode(model.model, model.params, batch, DecodeConfig(beam_size=1)))
+    greedy = np.asarray(
+        decoding.decode(model.model, model.params, batch, DecodeConfig(beam_size=1))
+    )
     lengths = [list(row).index(EOS_ID) + 1 for row in greedy]
     assert len(set(lengths)) > 1  # the rows end at different steps
     for row, samples, n in zip(greedy, drawn, lengths, strict=True):
@@ -214,22 +232,55 @@ def test_minimum_bayes_risk_picks_the_consensus_candidate():
         Translator(None, None, None, DecodeConfig(mbr=2, mbr_samples=8, mbr_epsilon=1.0))
 
 
-def test_minimum_bayes_risk_chooses_as_sacrebleu_sentence_chrf_does():
-    """Against the plain computation with sacreBLEU's public sentence_chrf, on random
-    texts with shared words, punctuation, repeats and an empty string."""
-    rng = np.random.default_rng(0)
+def _random_texts(rng):
     words = ["the", "weather", "is", "nice", "today", "Wetter", "schön", "ist", "it's", "a", "!"]
-    text = lambda: " ".join(rng.choice(words, rng.integers(0, 7)))  # noqa: E731
+    return lambda: " ".join(rng.choice(words, rng.integers(0, 7)))
+
+
+@pytest.mark.parametrize("word_order, beta", [(0, 2.0), (2, 2.0), (2, 1.75)])
+def test_sentence_chrf_matrix_equals_sacrebleu_sentence_by_sentence(word_order, beta):
+    # Random texts with shared words, punctuation, repeats and empty strings.
+    rng = np.random.default_rng(1)
+    text, metric = _random_texts(rng), sacrebleu.metrics.CHRF(word_order=word_order, beta=beta)
+    for _ in range(60):
+        hypotheses = [text() for _ in range(rng.integers(1, 6))]
+        references = [text() for _ in range(4)]
+        plain = [[metric.sentence_score(h, [r]).score for r in references] for h in hypotheses]
+        got = sentence_chrf_matrix(hypotheses, references, word_order, beta)
+        np.testing.assert_allclose(got, plain, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("word_order, beta", [(0, 2.0), (2, 1.75)])
+def test_minimum_bayes_risk_chooses_as_sacrebleu_sentence_chrf_does(word_order, beta):
+    """Against the plain computation with sacreBLEU's public sentence scores, with the
+    references as candidates too (each left out of its own judges) or not."""
+    rng = np.random.default_rng(0)
+    text, metric = _random_texts(rng), sacrebleu.metrics.CHRF(word_order=word_order, beta=beta)
+    leaving_out_mattered = 0
     for _ in range(60):
         candidates = [text() for _ in range(rng.integers(2, 6))]
-        references = [text() for _ in range(rng.integers(1, 8))] if rng.random() < 0.7 else None
+        references = [text() for _ in range(rng.integers(2, 8))] if rng.random() < 0.7 else None
         against = candidates if references is None else references
-        plain = [
-            sum(sacrebleu.sentence_chrf(c, [r]).score for r in against) for c in candidates
-        ]
-        chosen = minimum_bayes_risk(candidates, references)
+        mean = lambda h, refs: np.mean([metric.sentence_score(h, [r]).score for r in refs])  # noqa: E731
+        plain = [mean(c, against) for c in candidates]
+        chosen = minimum_bayes_risk(candidates, references, word_order=word_order, beta=beta)
         assert plain[chosen] == pytest.approx(max(plain), abs=1e-9)
         assert chosen == candidates.index(candidates[chosen])  # the first of equal texts
+        if references is None:
+            continue
+        pool = candidates + references
+        plain += [
+            mean(r, against) if r in candidates else mean(r, references[:i] + references[i + 1 :])
+            for i, r in enumerate(references)
+        ]
+        chosen = minimum_bayes_risk(
+            candidates, references, word_order=word_order, beta=beta, references_compete=True
+        )
+        assert plain[chosen] == pytest.approx(max(plain), abs=1e-9)
+        assert chosen == pool.index(pool[chosen])
+        with_itself = [mean(t, against) for t in pool]
+        leaving_out_mattered += pool[int(np.argmax(with_itself))] != pool[chosen]
+    assert leaving_out_mattered  # else the cases never tested leaving a reference out
 
 
 def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):

@@ -436,16 +436,41 @@ class DecodeConfig(_Config):
         check=fraction,
     )
     mbr_seed: int = setting(0, "Seed of the --mbr_samples draws.")
+    mbr_sample_candidates: bool = setting(
+        False,
+        "With --mbr_samples: the samples compete with the N best, each judged against the "
+        "other samples (leaving itself out, which it would match perfectly); no effect "
+        "without samples.",
+    )
+    mbr_utility: Literal["chrf", "chrf++"] = setting(
+        "chrf",
+        "MBR's measure of agreement: chrF (character 1-6-grams) or chrF++ (and word "
+        "1-2-grams, which favour the word choices and order that BLEU rewards).",
+        choices=("chrf", "chrf++"),
+    )
+    mbr_beta: float = setting(
+        2.0,
+        "MBR's chrF weighs recall beta times as much as precision (sacreBLEU's chrF: 2); "
+        "a lower beta picks shorter, more precise outputs, which BLEU rewards.",
+        check=above_zero,
+    )
 
     def describe(self) -> str:
         """'beam 4, alpha 0.6', and the options that are on."""
         text = f"beam {self.beam_size}, alpha {self.length_penalty:g}"
         if self.no_repeat_ngram:
             text += f", no repeated {self.no_repeat_ngram}-grams"
-        if self.mbr:
-            text += f", MBR (chrF) over the {self.mbr} best"
-        if self.mbr and self.mbr_samples:
-            text += f" against {self.mbr_samples} samples (epsilon {self.mbr_epsilon:g})"
+        utility = {"chrf": "chrF", "chrf++": "chrF++"}[self.mbr_utility]
+        if self.mbr_beta != 2.0:
+            utility += f", beta {self.mbr_beta:g}"
+        if self.mbr and not self.mbr_samples:
+            text += f", MBR ({utility}) over the {self.mbr} best"
+        elif self.mbr:
+            among = " and the samples" if self.mbr_sample_candidates else ""
+            text += (
+                f", MBR ({utility}) over the {self.mbr} best{among} against "
+                f"{self.mbr_samples} samples (epsilon {self.mbr_epsilon:g})"
+            )
         return text
 
     def _check_together(self) -> None:
@@ -457,6 +482,11 @@ class DecodeConfig(_Config):
             raise ConfigError(
                 "mbr_samples needs mbr >= 2 (the samples judge the beam's N best): "
                 "set mbr, or mbr_samples=0"
+            )
+        if self.mbr_sample_candidates and self.mbr_samples == 1:
+            raise ConfigError(
+                "mbr_sample_candidates needs mbr_samples >= 2 (each sample is judged against "
+                "the others) or 0 (no samples: it has no effect)"
             )
 
 

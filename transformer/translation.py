@@ -15,10 +15,14 @@ With `mbr_samples=M` as well, the stand-in references are M outputs drawn from
 the model by epsilon sampling (Freitag et al., 2023) instead: the mean over
 them estimates a candidate's expected chrF under the model, which the beam's
 N best, all near its mode, estimate with a bias. The draws are fixed by `mbr_seed`.
+With `mbr_sample_candidates` the samples are candidates too, each judged against
+the other samples; `mbr_utility="chrf++"` adds word 1- and 2-grams to the
+measure of agreement, and `mbr_beta` sets its balance of recall and precision.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import re
@@ -29,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import sacrebleu
-from sacrebleu.metrics.helpers import extract_all_char_ngrams
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from sacrebleu.metrics.helpers import extract_all_char_ngrams, extract_word_ngrams
 
 from transformer import decoding, sharding
 from transformer.architecture import Model
@@ -102,12 +106,18 @@ class Translator:
         tokens, scores = self._decode(batch)
         drawn = self._sample(batch, number) if self.decode.mbr_samples else None
         samples = [None] * real if drawn is None else drawn[:real]
+        word_order = {"chrf": 0, "chrf++": 2}[self.decode.mbr_utility]
+        compete = self.decode.mbr_sample_candidates and drawn is not None
         chosen = []
         for rows, row_scores, references in zip(tokens[:real], scores[:real], samples, strict=True):
             candidates = [self.vocab.decode(r) for r in rows[row_scores > decoding.NEG_INF / 2]]
             if references is not None:
                 references = [self.vocab.decode(r) for r in references]
-            chosen.append(candidates[minimum_bayes_risk(candidates, references)])
+            best = minimum_bayes_risk(
+                candidates, references, word_order=word_order, beta=self.decode.mbr_beta,
+                references_compete=compete,
+            )  # fmt: skip
+            chosen.append([*candidates, *(references or [])][best])
         return chosen
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -203,28 +213,94 @@ def _group(parts: list[str], vocab: Vocabulary, max_tokens: int) -> list[str]:
     return pieces
 
 
-def minimum_bayes_risk(candidates: list[str], references: list[str] | None = None) -> int:
-    """Index of the candidate with the highest mean chrF against the references
+def minimum_bayes_risk(
+    candidates: list[str],
+    references: list[str] | None = None,
+    *,
+    word_order: int = 0,
+    beta: float = 2.0,
+    references_compete: bool = False,
+) -> int:
+    """Index of the text with the highest mean chrF against the references
     (stand-ins: samples of the model's outputs; by default the candidates themselves).
 
-    The scores are sacreBLEU's sentence chrF; each distinct string's character
-    n-grams are counted once rather than once per pair (8 x 32 pairs a sentence
-    in the demo).
+    With `references_compete`, the references are candidates too, after
+    `candidates` (the index counts into both): each is judged against the other
+    references, leaving itself out, which it would match perfectly. A text
+    that is also among `candidates` is judged as one of them, against all.
+    `word_order=2` is chrF++ (word 1- and 2-grams as well as characters);
+    `beta` weighs recall against precision, as chrF's.
     """
     references = candidates if references is None else references
-    unique = list(dict.fromkeys(candidates))
+    pool = [*candidates, *references] if references_compete else candidates
+    unique = list(dict.fromkeys(pool))
     if len(unique) == 1:
         return 0
-    chrf = sacrebleu.metrics.CHRF()
-    grams = {
-        text: extract_all_char_ngrams(text, chrf.char_order, chrf.whitespace)
-        for text in {*unique, *references}
-    }
+    distinct = list(dict.fromkeys(references))
+    scores = sentence_chrf_matrix(unique, distinct, word_order, beta)
+    weights = collections.Counter(references)
+    total = scores @ np.asarray([weights[r] for r in distinct], np.float64)
+    count = np.full(len(unique), len(references), np.float64)
+    beam = set(candidates)
+    for i, text in enumerate(unique):
+        if text not in beam:  # a reference competing: leave itself out
+            total[i] -= scores[i, distinct.index(text)]
+            count[i] -= 1
+    return pool.index(unique[int(np.argmax(total / count))])
 
-    def score(hypothesis: str, reference: str) -> float:
-        pairs = zip(grams[hypothesis], grams[reference], strict=True)
-        stats = [x for h, r in pairs for x in chrf._get_match_statistics(h, r)]
-        return chrf._compute_f_score(stats)
 
-    expected = [sum(score(h, other) for other in references) for h in unique]
-    return candidates.index(unique[int(np.argmax(expected))])
+def sentence_chrf_matrix(
+    hypotheses: list[str], references: list[str], word_order: int = 0, beta: float = 2.0
+):
+    """[H, R] float64: sacreBLEU's sentence chrF (chrF++ with word_order=2) of each
+    hypothesis against each reference, as CHRF(word_order, beta).sentence_score computes it.
+
+    Vectorized over the pairs (MBR scores 40 x 32 of them per sentence in the
+    demo): the texts' n-gram counts per order form a matrix C [texts, n-grams],
+    and the matched n-grams of every pair, sum over g of min(C[a, g], C[b, g]),
+    are sum over k >= 1 of (C >= k) (C >= k)^T, a few small matrix products.
+    """
+    chrf = sacrebleu.metrics.CHRF(word_order=word_order, beta=beta)
+    texts = list(dict.fromkeys([*hypotheses, *references]))
+    per_text = [_ngrams(chrf, t) for t in texts]
+    orders = chrf.char_order + word_order
+    size = np.zeros((len(texts), orders))
+    matched = np.zeros((len(texts), len(texts), orders))
+    for order in range(orders):
+        columns: dict = {}
+        cells = [
+            (row, columns.setdefault(gram, len(columns)), n)
+            for row, grams in enumerate(per_text)
+            for gram, n in grams[order].items()
+        ]
+        counts = np.zeros((len(texts), max(1, len(columns))), np.float32)
+        if cells:
+            rows, cols, values = zip(*cells, strict=True)
+            counts[list(rows), list(cols)] = values
+        size[:, order] = counts.sum(1)
+        for k in range(1, int(counts.max()) + 1):
+            at_least = (counts >= k).astype(np.float32)
+            matched[:, :, order] += at_least @ at_least.T
+    index = {t: i for i, t in enumerate(texts)}
+    h = np.asarray([index[t] for t in hypotheses])
+    r = np.asarray([index[t] for t in references])
+    match = matched[h[:, None], r[None, :]]  # [H, R, orders]
+    n_ref = np.broadcast_to(size[r][None], match.shape)
+    n_hyp = np.where(n_ref > 0, size[h][:, None], 0)  # as sacreBLEU: no reference n-grams, no hits
+    counted = (n_hyp > 0) & (n_ref > 0)  # its effective-order average
+    orders_counted = counted.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(counted, match / n_hyp, 0).sum(-1) / orders_counted
+        recall = np.where(counted, match / n_ref, 0).sum(-1) / orders_counted
+        beta2 = chrf.beta**2
+        f = 100 * (1 + beta2) * precision * recall / (beta2 * precision + recall)
+    return np.where((orders_counted > 0) & (precision + recall > 0), f, 0.0)
+
+
+def _ngrams(chrf: sacrebleu.metrics.CHRF, text: str) -> list[collections.Counter]:
+    """The character n-grams of each order, then the word n-grams, as sacreBLEU counts them."""
+    grams = extract_all_char_ngrams(text, chrf.char_order, chrf.whitespace)
+    if chrf.word_order:
+        words = chrf._remove_punctuation(text)
+        grams += [extract_word_ngrams(words, n) for n in range(1, chrf.word_order + 1)]
+    return grams
