@@ -20,10 +20,17 @@ from transformer.analysis import table3
 def test_rows_scale_the_papers_changes_to_the_width():
     width = config.preset("cpu")  # d_model 192 = 0.375 x 512, N 3 = 0.5 x 6
     rows = {r.name: r.settings for r in table3.rows(["A", "C", "D"], width)}
-    assert rows["base"] == {"num_heads": 8, "d_k": 24, "d_v": 24}
+    depths = {"num_encoder_layers": 3, "num_decoder_layers": 3}  # the preset's, not the flagfile's
+    assert rows["base"] == {"num_heads": 8, "d_k": 24, "d_v": 24, **depths}
+    assert all(set(depths) <= set(settings) for settings in rows.values())
     # (A): the computation stays constant, d_k = d_v = d_model / h.
     for heads in (1, 4, 16, 32):
-        assert rows[f"h{heads}"] == {"num_heads": heads, "d_k": 192 // heads, "d_v": 192 // heads}
+        assert rows[f"h{heads}"] == {
+            "num_heads": heads,
+            "d_k": 192 // heads,
+            "d_v": 192 // heads,
+            **depths,
+        }
     assert rows["n8"]["num_encoder_layers"] == rows["n8"]["num_decoder_layers"] == 4
     assert rows["d1024"]["d_model"] == 384 and rows["d1024"]["d_k"] == 48
     assert rows["ff4096"]["d_ff"] == 1536

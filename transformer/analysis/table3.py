@@ -43,13 +43,23 @@ def _group(preset_name: str) -> str:
 
 
 def base_settings(width: ModelConfig) -> dict:
-    """The narrow base row: `width` with the paper's 8 heads."""
+    """The narrow base row: `width` with the paper's 8 heads.
+
+    The depths are stated too, so that a recipe flagfile that sets its own
+    (the CPU demo's trains 2+2) cannot change the base row the others scale from.
+    """
     heads = BASE.num_heads
     if width.d_model % 32:
         raise config.ConfigError(
             f"d_model={width.d_model} must be divisible by 32 for the (A) rows' head counts"
         )
-    return {"num_heads": heads, "d_k": width.d_model // heads, "d_v": width.d_model // heads}
+    depths = {name: getattr(width, name) for name in DEPTHS}
+    return {
+        "num_heads": heads,
+        "d_k": width.d_model // heads,
+        "d_v": width.d_model // heads,
+        **depths,
+    }
 
 
 def row_settings(preset_name: str, width: ModelConfig) -> dict:
