@@ -23,6 +23,7 @@ from absl import flags
 from experiments import cli, config_flags, trained_flags
 from transformer import config, metrics
 from transformer.data import datasets
+from transformer.progress import Meter
 
 SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
 SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file instead of a split.")
@@ -99,8 +100,11 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(
             f"{trained_flags.WORKDIR.value} is not writable; give --hypotheses=FILE elsewhere"
         )
-    translator = trained_flags.translator(model)
+    # On stderr: stdout carries the scores and their JSON line.
+    meter = Meter(f"translating {name}", None, "sentences", stream=sys.stderr)
+    translator = trained_flags.translator(model, on_progress=meter.update)
     hypotheses = translator.translate(sources)
+    meter.finish()
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)

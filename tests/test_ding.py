@@ -103,6 +103,21 @@ def test_direction_swaps_source_and_target(ding_sample):
     assert en_de == (de_en[1], de_en[0])
 
 
+@pytest.mark.parametrize("split", datasets.SPLITS)
+def test_bulk_reads_equal_tfds_decoding(ding_sample, split):
+    """chunks() parses the stored protos itself; every record, every field and its
+    type must be what TFDS's own decoding gives."""
+    source = datasets.load_split(ding_sample, split)
+    assert datasets._scalar_parser(source.records) is not None  # the fast path is taken
+    indices = list(range(len(source)))[::-1]  # any order, not only the stored one
+    ours = [record for chunk in source.chunks(indices) for record in chunk]
+    theirs = source.records.__getitems__(indices)
+    assert ours == theirs
+    assert [{k: type(v) for k, v in r.items()} for r in ours] == [
+        {k: type(v) for k, v in r.items()} for r in theirs
+    ]
+
+
 def test_missing_corpus_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr(ding, "SYSTEM_PATH", str(tmp_path / "absent"))
     with pytest.raises(DataError, match="apt-get install trans-de-en"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -338,6 +339,7 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert scores["sacrebleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in scores["sacrebleu_signature"]
     assert (tmp_path / "hyp.txt").read_text().splitlines() == hyps
+    assert "translating src.txt: 2/2 sentences" in result.stderr.decode()  # progress, not stdout
 
     result = run_module(
         "experiments.evaluate",
@@ -352,6 +354,7 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert 0.0 <= scores["sacrebleu"] <= 100.0 and scores["steps"] == [160, 240]
     hypotheses = (trained_workdir / "hypotheses.test.avg2.txt").read_text().splitlines()
     assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1]) > 0
+    assert re.search(r"translating test: (\d+)/\1 sentences", result.stderr.decode())
 
 
 def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workdir, tmp_path):

@@ -323,6 +323,17 @@ def test_load_split_gives_the_papers_direction(built, manual_dir):
     assert ("The house is green.", "Das Haus ist grün.") in [train[i] for i in range(len(train))]
 
 
+def test_bulk_reads_equal_tfds_decoding(built):
+    source = datasets.load_split(
+        DataConfig(dataset=DE_EN, direction="de-en", data_dir=str(built)), "train"
+    )
+    assert datasets._scalar_parser(source.records) is not None
+    indices = [4, 0, 2, 2, 1, 3]
+    assert [r for chunk in source.chunks(indices) for r in chunk] == source.records.__getitems__(
+        indices
+    )
+
+
 def test_prepared_dataset_needs_no_archives(built, tmp_path, no_new_connections):
     wmt.prepare_wmt(DE_EN, str(built), str(tmp_path), download=False)  # empty manual_dir
     assert len(wmt.wmt_split(DE_EN, "train", str(built))) == 5

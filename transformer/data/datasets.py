@@ -3,7 +3,9 @@
 TFDS builds every corpus into array_record files, which `tfds.data_source`
 reads by random access without TensorFlow. Records hold bytes per language;
 `TranslationSource` turns them into (source, target) strings in the
-configured direction.
+configured direction. Reads of many records at once (tokenizing a split, the
+vocabulary's sample) parse the stored protos directly where every feature is
+a scalar: TFDS's per-record decoding in Python costs 6x more than the read.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSource
+from tensorflow_datasets.proto import tf_example_pb2
 
 from transformer.config import DataConfig
 from transformer.data import DataError, ding
@@ -78,8 +83,13 @@ class TranslationSource:
     def chunks(self, indices) -> Iterator[list[dict]]:
         """The records at `indices`, READ_CHUNK at a time: single reads cost ~25x more."""
         indices = [int(i) for i in indices]
+        parse = _scalar_parser(self.records)
         for start in range(0, len(indices), READ_CHUNK):
-            yield self.records.__getitems__(indices[start : start + READ_CHUNK])
+            chunk = indices[start : start + READ_CHUNK]
+            if parse is None:
+                yield self.records.__getitems__(chunk)
+            else:
+                yield [parse(raw) for raw in self.records.data_source.__getitems__(chunk)]
 
     def texts(self, indices) -> list[tuple[str, str]]:
         """(source, target) texts of the examples at `indices`."""
@@ -89,6 +99,34 @@ class TranslationSource:
             for chunk in self.chunks(indices)
             for r in chunk
         ]
+
+
+def _scalar_parser(records):
+    """A function from a stored record's bytes to the dict TFDS would decode it to,
+    for array_record sources whose features are all scalars (text, integers,
+    booleans); None for any other source, which TFDS then decodes itself."""
+    if not isinstance(records, ArrayRecordDataSource) or records.decoders:
+        return None
+    specs = records.dataset_info.features.get_serialized_info()
+    if not isinstance(specs, dict) or any(spec.shape != () for spec in specs.values()):
+        return None
+    convert = {}
+    for key, spec in specs.items():
+        dtype = np.dtype(spec.np_dtype)
+        if dtype == np.object_:  # text
+            convert[key] = lambda feature: feature.bytes_list.value[0]
+        elif dtype == np.bool_:
+            convert[key] = lambda feature: bool(feature.int64_list.value[0])
+        elif np.issubdtype(dtype, np.integer):
+            convert[key] = lambda feature: int(feature.int64_list.value[0])
+        else:
+            return None
+
+    def parse(raw: bytes) -> dict:
+        features = tf_example_pb2.Example.FromString(raw).features.feature
+        return {key: f(features[key]) for key, f in convert.items()}
+
+    return parse
 
 
 def as_text(value) -> str:
