@@ -151,6 +151,27 @@ def test_translating_reports_its_progress_batch_by_batch(trained_workdir):
     assert [done for done, _ in calls] == sorted({done for done, _ in calls})
 
 
+def test_batch_plan_shares_shapes_and_merges_small_buckets():
+    rng = np.random.default_rng(0)
+    # 300 texts of 9-12 tokens (bucket 12), 3 of 5 (bucket 8: too few, they join 12),
+    # 40 of 30 (bucket 32), 2 empty ones.
+    lengths = np.concatenate([rng.integers(9, 13, 300), [5, 5, 5], [30] * 40, [0, 0]])
+    rng.shuffle(lengths)
+    plan = translation.plan_batches(lengths, 1024, (8, 12, 16, 24, 32), row_multiple=4)
+    indices = [i for _, _, texts in plan for i in texts]
+    assert sorted(indices) == [i for i in range(len(lengths)) if lengths[i] > 0]  # each once
+    assert all(lengths[i] <= length for length, _, texts in plan for i in texts)
+    assert all(rows * length <= 1024 and rows % 4 == 0 for length, rows, _ in plan)
+    assert all(len(texts) <= rows for _, rows, texts in plan)
+    # 303 texts at 12 fit 84 rows a batch (1024 // 12, a multiple of 4): 4 batches,
+    # cut equal (76 rows) rather than 84, 84, 84, 51; 40 at 32: 2 of 20, not 32 and 8.
+    assert [(length, rows) for length, rows, _ in plan] == [(12, 76)] * 4 + [(32, 20)] * 2
+    assert [len(texts) for _, _, texts in plan] == [76, 76, 76, 75, 20, 20]
+    # A small bucket joins a longer one; the last stays however small.
+    assert translation.plan_batches(np.asarray([3, 40]), 1024, (8, 64)) == [(64, 2, [0, 1])]
+    assert translation.plan_batches(np.asarray([40]), 1024, (8, 64)) == [(64, 1, [0])]
+
+
 def padded_ids(vocab, texts: list[str]) -> np.ndarray:
     """[len(texts), longest] source ids, each ended by EOS, PAD after."""
     ids = [vocab.encode(t) + [EOS_ID] for t in texts]

@@ -40,7 +40,7 @@ from sacrebleu.metrics.helpers import extract_all_char_ngrams, extract_word_ngra
 from transformer import decoding, sharding
 from transformer.architecture import Model
 from transformer.config import EOS_ID, DecodeConfig
-from transformer.data.batching import bucket, default_boundaries
+from transformer.data.batching import bucket_length, default_boundaries
 from transformer.data.vocab import Vocabulary
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
@@ -121,17 +121,15 @@ class Translator:
         return chosen
 
     def _batches(self, ids: list[list[int]]) -> Iterator[tuple[list[int], np.ndarray]]:
-        """(text indices, [R, S] ids): texts of one length bucket per batch, R x S within
-        the token budget, shortest buckets first."""
+        """(text indices, [R, S] ids) per batch, shortest first (`plan_batches`);
+        rows past the texts are empty."""
         lengths = np.asarray([len(x) for x in ids])
-        order = np.asarray([i for i in np.argsort(lengths, kind="stable") if ids[i]], np.int64)
-        planned = bucket(
-            order, lengths, lengths, self.tokens_per_batch,
-            default_boundaries(self.model.config.max_len), _row_multiple(self.mesh),
+        planned = plan_batches(
+            lengths, self.tokens_per_batch, default_boundaries(self.model.config.max_len),
+            _row_multiple(self.mesh),
         )  # fmt: skip
-        for length, rows in sorted(planned, key=lambda batch: batch[0]):
-            chosen = [int(row[0]) for row in rows if len(row)]
-            batch = np.zeros((len(rows), length), np.int32)
+        for length, rows, chosen in planned:
+            batch = np.zeros((rows, length), np.int32)
             for r, i in enumerate(chosen):
                 batch[r, : len(ids[i])] = ids[i]
             yield chosen, batch
@@ -173,6 +171,48 @@ class Translator:
         if self.mesh is not None and jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
         return jax.tree_util.tree_map(np.asarray, out)
+
+
+# A bucket of fewer texts joins the next longer one: each batch shape costs a
+# compilation of the search and of the sampler (about 4 s on a 2-core CPU),
+# more than decoding a few dozen sentences at a longer padded length.
+MIN_BUCKET_TEXTS = 32
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    tokens_per_batch: int,
+    boundaries: tuple[int, ...],
+    row_multiple: int = 1,
+    min_texts: int = MIN_BUCKET_TEXTS,
+) -> list[tuple[int, int, list[int]]]:
+    """(padded length S, rows R, text indices) per batch, shortest first; texts of
+    length 0 are left out.
+
+    Texts go to the bucket of their length (`boundaries`); a bucket of fewer than
+    min_texts texts joins the next longer one. A bucket that needs k batches
+    under the budget (R x S <= tokens_per_batch) is cut into k batches of equal
+    R, so that all its batches share one shape and one compilation. R is a
+    multiple of row_multiple (the devices a batch is split over).
+    """
+    order = [int(i) for i in np.argsort(lengths, kind="stable") if lengths[i] > 0]
+    buckets: dict[int, list[int]] = {}
+    for i in order:
+        buckets.setdefault(bucket_length(int(lengths[i]), boundaries), []).append(i)
+    plan, carried = [], []
+    padded_lengths = sorted(buckets)
+    for n, length in enumerate(padded_lengths):
+        texts = carried + buckets[length]
+        if len(texts) < min_texts and n + 1 < len(padded_lengths):
+            carried = texts
+            continue
+        carried = []
+        capacity = max(row_multiple, tokens_per_batch // length // row_multiple * row_multiple)
+        count = -(-len(texts) // capacity)
+        rows = -(-len(texts) // count)
+        rows = -(-rows // row_multiple) * row_multiple
+        plan += [(length, rows, texts[j * rows : (j + 1) * rows]) for j in range(count)]
+    return plan
 
 
 def _row_multiple(mesh: Mesh | None) -> int:
