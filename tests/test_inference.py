@@ -172,6 +172,41 @@ def test_batch_plan_shares_shapes_and_merges_small_buckets():
     assert translation.plan_batches(np.asarray([40]), 1024, (8, 64)) == [(64, 1, [0])]
 
 
+def test_programs_are_compiled_ahead_once_per_shape(trained_workdir, caplog):
+    """Each batch shape's search and sampler compile once, in the background
+    thread, and the decoding calls reuse them instead of compiling again."""
+    model = trained.load(str(trained_workdir))
+    # Settings of this test only: no program of theirs is compiled yet.
+    settings = DecodeConfig(beam_size=2, length_penalty=0.77, mbr=2, mbr_samples=3)
+    texts = ["Der Hund.", "Die Katze.", "Der Bäcker.", "Die Katze malt die Straße!"]
+    texts += ["Der Hund sieht das grüne Haus."]
+    translator = Translator(
+        model.model, model.params, model.vocab, settings, tokens_per_batch=16, min_bucket_texts=1
+    )
+    ids = [model.vocab.encode(t) + [EOS_ID] for t in texts]
+    assert max(map(len, ids)) <= translator.max_source_tokens  # none is split
+    batches = [batch.shape for _, batch in translator._batches(ids)]
+    shapes = set(batches)
+    assert len(batches) > len(shapes) > 1
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            out = translator.translate(texts)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [
+        (r.threadName, name)
+        for r in caplog.records
+        for name in ("decode_n_best", "decode_samples")
+        if f"Finished XLA compilation of jit({name})" in r.getMessage()
+    ]
+    assert sorted(name for _, name in compiled) == sorted(
+        ["decode_n_best", "decode_samples"] * len(shapes)
+    )
+    assert all(thread.startswith("compile-ahead") for thread, _ in compiled)
+    assert len(out) == len(texts) and all(out)
+
+
 def padded_ids(vocab, texts: list[str]) -> np.ndarray:
     """[len(texts), longest] source ids, each ended by EOS, PAD after."""
     ids = [vocab.encode(t) + [EOS_ID] for t in texts]

@@ -533,6 +533,20 @@ def _compiled(config: ModelConfig, settings: DecodeConfig):
     return jax.jit(functools.partial(decode, model, settings=settings))
 
 
+def compile_ahead(
+    model: Model, params: Any, inputs: jax.Array, decode: DecodeConfig, *, sampler: bool = False
+) -> None:
+    """Compiles what `translate` (sampler: `sample`) runs for inputs' shape and
+    placement, without running it: jit keeps the program, so the later calls
+    of that shape start at once. `Translator` calls it from a background thread
+    while another batch decodes."""
+    if sampler:
+        compiled = _compiled_sampler(model.config, _sampling_only(decode))
+        compiled.lower(params, inputs, jax.random.key(0)).compile()
+    else:
+        _compiled(model.config, _search_only(decode)).lower(params, inputs).compile()
+
+
 PAPER_SEARCH = DecodeConfig()  # beam 4, length penalty 0.6, input + 50
 
 

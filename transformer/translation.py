@@ -23,6 +23,8 @@ measure of agreement, and `mbr_beta` sets its balance of recall and precision.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import re
@@ -54,6 +56,7 @@ class Translator:
     decode: DecodeConfig = DecodeConfig()
     _: dataclasses.KW_ONLY
     tokens_per_batch: int = 4096  # source tokens (padded) per decoding batch
+    min_bucket_texts: int = 32  # a length bucket of fewer texts joins the next (plan_batches)
     mesh: Mesh | None = None
     on_split: Callable[[int, int], None] | None = None  # (text index, pieces) when split
     on_progress: Callable[[int, int], None] | None = None  # (pieces done, of) per batch
@@ -90,14 +93,52 @@ class Translator:
         ]
         out = [""] * len(texts)
         done, total = 0, sum(1 for x in ids if x)
-        for number, (batch_indices, batch) in enumerate(self._batches(ids)):
-            texts_out = self._translate_batch(batch, number, len(batch_indices))
-            for i, text in zip(batch_indices, texts_out, strict=True):
-                out[i] = text
-            done += len(batch_indices)
-            if self.on_progress is not None:
-                self.on_progress(done, total)
+        planned = list(self._batches(ids))
+        with self._compiling_ahead([batch for _, batch in planned]) as compiled:
+            for number, (batch_indices, batch) in enumerate(planned):
+                compiled(number)
+                texts_out = self._translate_batch(batch, number, len(batch_indices))
+                for i, text in zip(batch_indices, texts_out, strict=True):
+                    out[i] = text
+                done += len(batch_indices)
+                if self.on_progress is not None:
+                    self.on_progress(done, total)
         return out
+
+    @contextlib.contextmanager
+    def _compiling_ahead(self, batches: list[np.ndarray]):
+        """Yields wait(n), which returns once batch n's programs are compiled.
+
+        A background thread compiles the programs of every batch shape in turn,
+        so that XLA compiles the next shapes while a batch decodes (on a 2-core
+        CPU each shape costs seconds of compilation, most of which the
+        decoding then hides). On several processes the calls compile as usual:
+        a thread of its own must not reorder their collectives.
+        """
+        if jax.process_count() > 1:
+            yield lambda number: None
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        shapes: dict[tuple[int, ...], concurrent.futures.Future] = {}
+        for batch in batches:
+            if batch.shape not in shapes:
+                shapes[batch.shape] = pool.submit(self._compile_quietly, batch)
+        try:
+            yield lambda number: concurrent.futures.wait([shapes[batches[number].shape]])
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compile_quietly(self, batch: np.ndarray) -> None:
+        """Compiles batch's programs; a failure is left for the call itself to meet
+        (and report) when it compiles them again."""
+        compile_ahead = functools.partial(decoding.compile_ahead, self.model, self.params)
+        try:
+            self._on_device(lambda inputs: compile_ahead(inputs, self.decode), batch)
+            if self.decode.mbr and self.decode.mbr_samples:
+                sources = np.zeros((self._sample_rows(len(batch)), batch.shape[1]), batch.dtype)
+                self._on_device(lambda x: compile_ahead(x, self.decode, sampler=True), sources)
+        except Exception:  # the real call raises it where it belongs
+            pass
 
     def _translate_batch(self, batch: np.ndarray, number: int, real: int) -> list[str]:
         """[R, S] ids -> a translation of each of the first `real` rows (the rest pad)."""
@@ -126,7 +167,7 @@ class Translator:
         lengths = np.asarray([len(x) for x in ids])
         planned = plan_batches(
             lengths, self.tokens_per_batch, default_boundaries(self.model.config.max_len),
-            _row_multiple(self.mesh),
+            _row_multiple(self.mesh), self.min_bucket_texts,
         )  # fmt: skip
         for length, rows, chosen in planned:
             batch = np.zeros((rows, length), np.int32)
@@ -146,10 +187,8 @@ class Translator:
         decoder rows (sources x samples) as the beam search's (sources x beams):
         32 samples of a whole batch at once would be 4x the memory of a beam of 8.
         """
-        multiple = _row_multiple(self.mesh)
         d = self.decode
-        rows = d.beam_size * len(batch) // d.mbr_samples // multiple * multiple
-        rows = min(max(multiple, rows), len(batch))
+        rows = self._sample_rows(len(batch))
         drawn = []
         batch_key = jax.random.fold_in(jax.random.key(d.mbr_seed), number)
         for chunk, start in enumerate(range(0, len(batch), rows)):
@@ -160,6 +199,13 @@ class Translator:
             sample = functools.partial(decoding.sample, self.model, self.params, key=key, decode=d)
             drawn.append(self._on_device(sample, part)[: len(sources)])
         return np.concatenate(drawn)
+
+    def _sample_rows(self, batch_rows: int) -> int:
+        """Sources per sampling chunk: sources x samples about the beam's rows."""
+        multiple = _row_multiple(self.mesh)
+        d = self.decode
+        rows = d.beam_size * batch_rows // d.mbr_samples // multiple * multiple
+        return min(max(multiple, rows), batch_rows)
 
     def _on_device(self, function: Callable[[jax.Array], Any], batch: np.ndarray) -> Any:
         """function(batch placed on the mesh's devices), gathered back as numpy arrays."""
@@ -173,27 +219,23 @@ class Translator:
         return jax.tree_util.tree_map(np.asarray, out)
 
 
-# A bucket of fewer texts joins the next longer one: each batch shape costs a
-# compilation of the search and of the sampler (about 4 s on a 2-core CPU),
-# more than decoding a few dozen sentences at a longer padded length.
-MIN_BUCKET_TEXTS = 32
-
-
 def plan_batches(
     lengths: np.ndarray,
     tokens_per_batch: int,
     boundaries: tuple[int, ...],
     row_multiple: int = 1,
-    min_texts: int = MIN_BUCKET_TEXTS,
+    min_texts: int = 32,
 ) -> list[tuple[int, int, list[int]]]:
     """(padded length S, rows R, text indices) per batch, shortest first; texts of
     length 0 are left out.
 
     Texts go to the bucket of their length (`boundaries`); a bucket of fewer than
-    min_texts texts joins the next longer one. A bucket that needs k batches
-    under the budget (R x S <= tokens_per_batch) is cut into k batches of equal
-    R, so that all its batches share one shape and one compilation. R is a
-    multiple of row_multiple (the devices a batch is split over).
+    min_texts texts joins the next longer one: each batch shape costs a
+    compilation of the search and of the sampler (about 4 s on a 2-core CPU),
+    more than decoding a few dozen sentences at a longer padded length. A
+    bucket that needs k batches under the budget (R x S <= tokens_per_batch) is
+    cut into k batches of equal R, so that all its batches share one shape and
+    one compilation. R is a multiple of row_multiple (the devices a batch is split over).
     """
     order = [int(i) for i in np.argsort(lengths, kind="stable") if lengths[i] > 0]
     buckets: dict[int, list[int]] = {}
