@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import sacrebleu
 from conftest import run_module
 
-from transformer import decoding, metrics, record, trained, translation
+from transformer import decoding, metrics, record, sharding, trained, translation
 from transformer.config import EOS_ID, DecodeConfig
 from transformer.data.vocab import VOCAB_FILE, Vocabulary
 from transformer.translation import Translator, minimum_bayes_risk, sentence_chrf_matrix
@@ -188,10 +189,15 @@ def test_programs_are_compiled_ahead_once_per_shape(trained_workdir, caplog):
     batches = [batch.shape for _, batch in translator._batches(ids)]
     shapes = set(batches)
     assert len(batches) > len(shapes) > 1
+    # As in training's evaluations: the mesh set and Flax's axis rules on (both
+    # thread-local; the mesh is part of jit's cache key).
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
+    translator.mesh = mesh
     jax.config.update("jax_log_compiles", True)
     try:
-        with caplog.at_level("WARNING"):
-            out = translator.translate(texts)
+        with caplog.at_level("WARNING"), jax.set_mesh(mesh):
+            with nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+                out = translator.translate(texts)
     finally:
         jax.config.update("jax_log_compiles", False)
     compiled = [

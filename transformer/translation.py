@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,23 +121,26 @@ class Translator:
             return
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
         shapes: dict[tuple[int, ...], concurrent.futures.Future] = {}
+        context = _callers_context()
         for batch in batches:
             if batch.shape not in shapes:
-                shapes[batch.shape] = pool.submit(self._compile_quietly, batch)
+                shapes[batch.shape] = pool.submit(self._compile_quietly, batch, context)
         try:
             yield lambda number: concurrent.futures.wait([shapes[batches[number].shape]])
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _compile_quietly(self, batch: np.ndarray) -> None:
-        """Compiles batch's programs; a failure is left for the call itself to meet
-        (and report) when it compiles them again."""
+    def _compile_quietly(self, batch: np.ndarray, context) -> None:
+        """Compiles batch's programs under the caller's `context`; a failure is left
+        for the call itself to meet (and report) when it compiles them again."""
         compile_ahead = functools.partial(decoding.compile_ahead, self.model, self.params)
         try:
-            self._on_device(lambda inputs: compile_ahead(inputs, self.decode), batch)
-            if self.decode.mbr and self.decode.mbr_samples:
-                sources = np.zeros((self._sample_rows(len(batch)), batch.shape[1]), batch.dtype)
-                self._on_device(lambda x: compile_ahead(x, self.decode, sampler=True), sources)
+            with context():
+                self._on_device(lambda inputs: compile_ahead(inputs, self.decode), batch)
+                if self.decode.mbr and self.decode.mbr_samples:
+                    rows = self._sample_rows(len(batch))
+                    sources = np.zeros((rows, batch.shape[1]), batch.dtype)
+                    self._on_device(lambda x: compile_ahead(x, self.decode, sampler=True), sources)
         except Exception:  # the real call raises it where it belongs
             pass
 
@@ -255,6 +259,24 @@ def plan_batches(
         rows = -(-rows // row_multiple) * row_multiple
         plan += [(length, rows, texts[j * rows : (j + 1) * rows]) for j in range(count)]
     return plan
+
+
+def _callers_context() -> Callable[[], contextlib.AbstractContextManager]:
+    """The thread-local settings that tracing reads besides the arguments: the
+    mesh of `jax.set_mesh` (part of jit's cache key: a program compiled without
+    it would not be found by a call made under it) and Flax's logical axis
+    rules. Returns a function that enters them in another thread."""
+    mesh, rules = jax.sharding.get_mesh(), nn.get_logical_axis_rules()
+
+    @contextlib.contextmanager
+    def enter():
+        with contextlib.ExitStack() as stack:
+            if not mesh.empty:
+                stack.enter_context(jax.set_mesh(mesh))
+            stack.enter_context(nn.logical_axis_rules(rules))
+            yield
+
+    return enter
 
 
 def _row_multiple(mesh: Mesh | None) -> int:
