@@ -247,18 +247,6 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
         assert all(model.vocab.decode(s) == model.vocab.decode(row) for s in samples)
 
 
-def test_samples_are_drawn_in_small_chunks_on_a_cpu(trained_workdir, monkeypatch):
-    model = trained.load(str(trained_workdir))
-    decode = DecodeConfig(beam_size=8, mbr=8, mbr_samples=32)
-    translator = Translator(model.model, model.params, model.vocab, decode)
-    assert jax.default_backend() == "cpu"
-    # 40 sources: the beam's 320 rows would allow 10 sources; a CPU chunk is 256 rows.
-    assert translator._sample_rows(40) == translation.CPU_SAMPLE_ROWS // 32 == 8
-    assert translator._sample_rows(5) == 1  # a small batch: within the beam's 40 rows
-    monkeypatch.setattr(translation, "CPU_SAMPLE_ROWS", 10**6)
-    assert translator._sample_rows(40) == 10
-
-
 def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, monkeypatch):
     """8 sources x 8 samples at epsilon 0.99 (each sample the greedy output): once
     at most 8 rows are left they continue as a batch of 8, and the outputs are greedy's."""

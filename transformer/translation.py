@@ -49,13 +49,6 @@ from transformer.data.vocab import Vocabulary
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 
-# On a CPU the sampler runs fastest in small chunks, whose [rows, vocab] log-probs
-# stay in the caches: the demo's test split (32 samples of each source) took
-# 135 s on a 2-core Xeon with chunks of the beam's rows (about 2,000), 106 s
-# with a quarter, 103 s with about 256 rows and 99 s with 128.
-CPU_SAMPLE_ROWS = 256
-
-
 @dataclasses.dataclass
 class Translator:
     model: Model
@@ -212,14 +205,10 @@ class Translator:
         return np.concatenate(drawn)
 
     def _sample_rows(self, batch_rows: int) -> int:
-        """Sources per sampling chunk: sources x samples about the beam's rows
-        (sources x beams), and on a CPU at most about CPU_SAMPLE_ROWS."""
+        """Sources per sampling chunk: sources x samples about the beam's rows."""
         multiple = _row_multiple(self.mesh)
         d = self.decode
-        budget = d.beam_size * batch_rows
-        if jax.default_backend() == "cpu":
-            budget = min(budget, CPU_SAMPLE_ROWS)
-        rows = budget // d.mbr_samples // multiple * multiple
+        rows = d.beam_size * batch_rows // d.mbr_samples // multiple * multiple
         return min(max(multiple, rows), batch_rows)
 
     def _on_device(self, function: Callable[[jax.Array], Any], batch: np.ndarray) -> Any:
