@@ -287,7 +287,8 @@ def test_sampling_draws_each_sequence_with_its_probability():
     table, max_length, rows = markov_table(5, eos_bias=0.5), 4, 20000
     step_fn, _, cache = markov_search(table, rows, max_length)
     tokens = decoding.sample_search(
-        step_fn, cache, jnp.full((rows,), max_length), jax.random.key(0), length=max_length,
+        step_fn, cache, jnp.full((rows,), max_length), jax.random.split(jax.random.key(0), rows),
+        length=max_length,
         epsilon=0.0,
     )  # fmt: skip
     drawn = [trimmed(row) for row in np.asarray(tokens)]
@@ -548,6 +549,30 @@ def test_samples_at_a_high_epsilon_are_the_greedy_output(each_model, make_tokens
     np.testing.assert_array_equal(varied, again)
 
 
+def test_a_sentences_samples_do_not_depend_on_its_batch(each_model, make_tokens):
+    """The same sentence in another row, beside other sentences, with more PAD
+    after it: the same key; drawn at the same padded length, the same samples."""
+    model, params = each_model
+    inputs = np.asarray(sources(make_tokens))
+    key, settings = jax.random.key(3), _sampling(4, epsilon=0.0)
+    other = np.array(make_tokens((1, inputs.shape[1])))
+    other[:, -1] = EOS_ID
+    moved = np.concatenate([inputs[2:], other, inputs[:2]])  # rows 2, new, 0, 1
+    keys = np.asarray(jax.random.key_data(decoding.source_keys(key, jnp.asarray(inputs))))
+    moved_keys = np.asarray(jax.random.key_data(decoding.source_keys(key, jnp.asarray(moved))))
+    np.testing.assert_array_equal(moved_keys[[2, 3, 0]], keys)
+    assert len({tuple(k) for k in keys}) == 3  # a key per sentence
+    wider = np.pad(inputs, ((0, 0), (0, 5)))
+    wider_keys = np.asarray(jax.random.key_data(decoding.source_keys(key, jnp.asarray(wider))))
+    np.testing.assert_array_equal(wider_keys, keys)
+    drawn = np.asarray(decoding.sample(model, params, jnp.asarray(inputs), key, settings))
+    drawn_moved = np.asarray(decoding.sample(model, params, jnp.asarray(moved), key, settings))
+    np.testing.assert_array_equal(drawn_moved[[2, 3, 0]], drawn)
+    assert len({trimmed(s) for s in drawn.reshape(-1, drawn.shape[-1])}) > 3  # not all alike
+    reseeded = decoding.sample(model, params, jnp.asarray(inputs), jax.random.key(4), settings)
+    assert not np.array_equal(np.asarray(reseeded), drawn)  # the key does change them
+
+
 def test_sampling_gathers_the_rows_still_decoding_and_changes_no_output():
     """Rows that end at different steps; the rows still decoding are moved into
     smaller batches (1/8, then 1/64), and every row's tokens stay the same."""
@@ -569,8 +594,8 @@ def test_sampling_gathers_the_rows_still_decoding_and_changes_no_output():
     cache = {"row": jnp.arange(rows), "end": ends}
     max_lengths = jnp.full((rows,), length)
     search = functools.partial(
-        decoding.sample_search, max_lengths=max_lengths, key=jax.random.key(0), length=length,
-        epsilon=0.99,
+        decoding.sample_search, max_lengths=max_lengths,
+        keys=jax.random.split(jax.random.key(0), rows), length=length, epsilon=0.99,
     )  # fmt: skip
     plain = np.asarray(search(step_for(None), cache))
     assert batch_sizes == [rows]

@@ -118,11 +118,12 @@ def test_mbr_chooses_among_the_n_best_by_consensus(trained_workdir, monkeypatch)
     again = translator(with_samples).translate(texts)
     assert again == sampled  # the draws are fixed by the seed
     batch = np.asarray(inputs, np.int32)
-    draws = lambda d: translator(d)._sample(batch, 0)  # noqa: E731
+    draws = lambda d: translator(d)._sample(batch)  # noqa: E731
     assert not np.array_equal(draws(with_samples), draws(with_samples.replace(mbr_seed=1)))
 
     # The samples compete: each output is the pick among the N best and the source's draws.
-    competing = with_samples.replace(mbr_sample_candidates=True, mbr_utility="chrf++")
+    # (Seed 1: draws of which one wins for some source, as the last line checks can happen.)
+    competing = with_samples.replace(mbr_sample_candidates=True, mbr_utility="chrf++", mbr_seed=1)
     calls = []
 
     def recording(candidates, references, **settings):
@@ -237,7 +238,7 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
     decode = DecodeConfig(mbr=4, mbr_samples=6, mbr_epsilon=0.99)
     # Only the most likely token reaches 0.99: every sample is the greedy output.
     translator = Translator(model.model, model.params, model.vocab, decode)
-    drawn = translator._sample(batch, 0)
+    drawn = translator._sample(batch)
     assert rows_seen == [4, 4]
     greedy = np.asarray(
         decoding.decode(model.model, model.params, jnp.asarray(batch), DecodeConfig(beam_size=1))
@@ -245,6 +246,33 @@ def test_samples_are_drawn_in_chunks_no_larger_than_the_beam(trained_workdir, mo
     assert drawn.shape[:2] == (7, 6)
     for row, samples in zip(greedy, drawn, strict=True):
         assert all(model.vocab.decode(s) == model.vocab.decode(row) for s in samples)
+
+
+def test_samples_are_drawn_in_small_chunks_on_a_cpu_with_the_same_draws(
+    trained_workdir, monkeypatch
+):
+    model = trained.load(str(trained_workdir))
+    decode = DecodeConfig(beam_size=8, mbr=8, mbr_samples=32)
+    translator = Translator(model.model, model.params, model.vocab, decode)
+    assert jax.default_backend() == "cpu"
+    # 40 sources: the beam's 320 rows would allow 10 sources; a CPU chunk is 256 rows.
+    assert translator._sample_rows(40) == translation.CPU_SAMPLE_ROWS // 32 == 8
+    assert translator._sample_rows(5) == 1  # a small batch: within the beam's 40 rows
+    monkeypatch.setattr(translation, "CPU_SAMPLE_ROWS", 10**6)
+    assert translator._sample_rows(40) == 10
+    # Chunks of 1, 2 or all 5 sources draw the same samples.
+    texts = ["Der Hund sieht das Haus.", "Die Katze malt.", "Ein Bäcker kauft einen Aal.",
+             "Das Mädchen sucht die Tür.", "Der Mann kauft."]  # fmt: skip
+    batch = padded_ids(model.vocab, texts)
+    small = Translator(model.model, model.params, model.vocab, DecodeConfig(mbr=2, mbr_samples=4))
+    drawn = {}
+    for rows in (4, 8, 10**6):  # 1, 2 and all 5 sources (the beam of 4 allows 20 rows)
+        monkeypatch.setattr(translation, "CPU_SAMPLE_ROWS", rows)
+        drawn[rows] = small._sample(batch)
+    assert drawn[4].shape[:2] == (5, 4)
+    np.testing.assert_array_equal(drawn[4], drawn[8])
+    np.testing.assert_array_equal(drawn[4], drawn[10**6])
+    assert len({tuple(s) for s in drawn[4].reshape(20, -1)}) > 5  # drawn, not all alike
 
 
 def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, monkeypatch):

@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformer.architecture import Model, build
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig, ModelConfig
@@ -232,7 +233,7 @@ def sample_search(
     step_fn: StepFn,
     cache: Cache,
     max_lengths: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
     *,
     length: int,
     epsilon: float,
@@ -243,6 +244,8 @@ def sample_search(
     Epsilon sampling (Hewitt et al., 2022): a token is drawn among those of
     probability at least epsilon (the most likely one always among them), in
     proportion to their probabilities; epsilon 0 draws from the whole vocabulary.
+    Row r's draws come from its own key, keys[r] ([R] keys): what a row draws
+    does not depend on the other rows of its batch.
 
     With `step_for_rows(rows)` (the step function of those rows alone), the
     rows still drawing are gathered into a batch of 1/8 the size once no more
@@ -253,12 +256,13 @@ def sample_search(
     """
     choose = functools.partial(epsilon_sample, epsilon=epsilon)
     return _one_token_at_a_time(
-        step_fn, cache, max_lengths, choose, key, length=length, step_for_rows=step_for_rows
+        step_fn, cache, max_lengths, choose, keys, length=length, step_for_rows=step_for_rows
     )
 
 
-def epsilon_sample(log_probs: jax.Array, key: jax.Array, *, epsilon: float) -> jax.Array:
-    """log_probs [R, V] -> one token per row, among those of probability >= epsilon.
+def epsilon_sample(log_probs: jax.Array, keys: jax.Array, *, epsilon: float) -> jax.Array:
+    """log_probs [R, V] -> one token per row, among those of probability >= epsilon,
+    row r drawn with keys[r] ([R] keys; one key: for all rows).
 
     At most 1/epsilon tokens can have that probability, so the draw is among the
     top ceil(1/epsilon) + 1 only (the + 1 for float rounding): random numbers for
@@ -270,7 +274,11 @@ def epsilon_sample(log_probs: jax.Array, key: jax.Array, *, epsilon: float) -> j
     k = vocab if epsilon == 0 else min(vocab, math.ceil(1.0 / epsilon) + 1)
     top, tokens = jax.lax.top_k(log_probs, k)
     keep = (top >= math.log(epsilon) if epsilon else True) | (jnp.arange(k) == 0)
-    choice = jax.random.categorical(key, jnp.where(keep, top, -jnp.inf), axis=-1)
+    logits = jnp.where(keep, top, -jnp.inf)
+    if keys.ndim == 0:
+        choice = jax.random.categorical(keys, logits, axis=-1)
+    else:
+        choice = jax.vmap(jax.random.categorical)(keys, logits)
     return jnp.take_along_axis(tokens, choice[:, None], axis=1)[:, 0]
 
 
@@ -282,13 +290,14 @@ def _one_token_at_a_time(
     cache: Cache,
     max_lengths: jax.Array,
     choose: Callable[[jax.Array, jax.Array | None], jax.Array],
-    key: jax.Array | None,
+    keys: jax.Array | None,
     *,
     length: int,
     no_repeat_ngram: int = 0,
     step_for_rows: Callable[[jax.Array], StepFn] | None = None,
 ) -> jax.Array:
-    """One hypothesis per row, extended by choose(log_probs [R, V], key) until EOS."""
+    """One hypothesis per row, extended by choose(log_probs [R, V], keys [R] of the
+    step) until EOS; keys None: choose gets None."""
     rows = max_lengths.shape[0]
     state = dict(
         step=jnp.zeros((), jnp.int32),
@@ -296,8 +305,12 @@ def _one_token_at_a_time(
         out=jnp.zeros((rows, length), jnp.int32),
         done=jnp.zeros((rows,), bool),
     )
+    if keys is not None:
+        if keys.shape != (rows,):
+            raise ValueError(f"one key per row wanted: {rows} keys, got shape {keys.shape}")
+        state["keys"] = keys
     run = functools.partial(
-        _extend_rows, choose=choose, key=key, length=length, no_repeat_ngram=no_repeat_ngram
+        _extend_rows, choose=choose, length=length, no_repeat_ngram=no_repeat_ngram
     )
     return _extend_compacting(run, step_fn, state, jnp.clip(max_lengths, 1, length), step_for_rows)
 
@@ -313,12 +326,10 @@ def _extend_compacting(run, step_fn, state, max_lengths, step_for_rows):
     # The rows still decoding, padded with an ended row (its writes are PAD over PAD).
     alive = jnp.nonzero(~state["done"], size=few, fill_value=jnp.argmax(state["done"]))[0]
     take = lambda x: jnp.take(x, alive, axis=0)  # noqa: E731
-    sub_state = dict(
-        step=state["step"],
-        cache=jax.tree_util.tree_map(take, state["cache"]),
-        out=take(state["out"]),
-        done=take(state["done"]),
-    )
+    sub_state = {
+        name: jax.tree_util.tree_map(take, value) if name != "step" else value
+        for name, value in state.items()
+    }  # the cache, out, done and keys of those rows
     sub_step_for_rows = lambda sub: step_for_rows(jnp.take(alive, sub))  # noqa: E731
     out = _extend_compacting(
         run, step_for_rows(alive), sub_state, take(max_lengths), sub_step_for_rows
@@ -326,7 +337,7 @@ def _extend_compacting(run, step_fn, state, max_lengths, step_for_rows):
     return state["out"].at[alive].set(out)
 
 
-def _extend_rows(step_fn, state, max_lengths, *, choose, key, length, no_repeat_ngram, until_alive):
+def _extend_rows(step_fn, state, max_lengths, *, choose, length, no_repeat_ngram, until_alive):
     """The loop of `_one_token_at_a_time`, until at most `until_alive` rows are decoding."""
     rows = max_lengths.shape[0]
 
@@ -337,11 +348,13 @@ def _extend_rows(step_fn, state, max_lengths, *, choose, key, length, no_repeat_
         log_probs = _only_eos_at_last(log_probs[:, None], step + 1 >= max_lengths)
         if no_repeat_ngram:
             log_probs = _block_repeated_ngrams(log_probs, out[:, None], step, no_repeat_ngram)
-        step_key = None if key is None else jax.random.fold_in(key, step)
-        token = jnp.where(state["done"], PAD_ID, choose(log_probs[:, 0], step_key))
+        step_keys = None
+        if "keys" in state:  # each row's key for this step
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(state["keys"], step)
+        token = jnp.where(state["done"], PAD_ID, choose(log_probs[:, 0], step_keys))
         out = jax.lax.dynamic_update_index_in_dim(out, token.astype(jnp.int32), step, axis=1)
         done = state["done"] | (token == EOS_ID)
-        return dict(step=step + 1, cache=cache, out=out, done=done)
+        return {**state, "step": step + 1, "cache": cache, "out": out, "done": done}
 
     def cond(state):
         return (state["step"] < length) & (jnp.sum(~state["done"]) > until_alive)
@@ -485,17 +498,34 @@ def decode_samples(
     sample is decoded as a sentence of its own (a beam of one): unlike beams,
     samples never share a history, and reading the keys of N rows through a
     lineage table would cost N times the self-attention for nothing.
+
+    A sentence's random draws depend on `key` and on the sentence alone
+    (`source_keys`), not on the other sentences of the batch or its row: a
+    batch may be drawn in chunks of any size with the same result.
     """
     batch, num_samples = inputs.shape[0], settings.mbr_samples
+    keys = jax.vmap(lambda k: jax.random.split(k, num_samples))(source_keys(key, inputs))
     inputs = jnp.repeat(inputs, num_samples, axis=0)
     length = sample_length(model.config, inputs.shape[1], settings.max_extra)
     step_fn, cache = model_step(model, params, inputs, batch * num_samples, length)
     max_lengths = max_output_lengths(inputs, settings.max_extra, length)
     tokens = sample_search(
-        step_fn, cache, max_lengths, key, length=length, epsilon=settings.mbr_epsilon,
+        step_fn, cache, max_lengths, keys.reshape(-1), length=length,
+        epsilon=settings.mbr_epsilon,
         step_for_rows=lambda rows: step_function(model, params, jnp.take(inputs, rows, axis=0)),
     )  # fmt: skip
     return tokens.reshape(batch, num_samples, length)
+
+
+def source_keys(key: jax.Array, inputs: jax.Array) -> jax.Array:
+    """inputs [B, S] -> [B] keys: key folded with a hash of each row's ids, which
+    PAD (0) does not change, so a sentence gets the same key in any batch."""
+    weights = np.asarray([pow(_HASH_BASE, i, 2**32) for i in range(inputs.shape[1])], np.uint32)
+    hashes = jnp.sum(inputs.astype(jnp.uint32) * weights, axis=1, dtype=jnp.uint32)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, hashes)
+
+
+_HASH_BASE = 1_000_003  # odd: every power is odd, so no position's weight is 0 mod 2^32
 
 
 def _sampling_only(settings: DecodeConfig) -> DecodeConfig:

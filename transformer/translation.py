@@ -49,6 +49,12 @@ from transformer.data.vocab import Vocabulary
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 
+# On a CPU the sampler runs fastest in small chunks, whose [rows, vocab] log-probs
+# stay in the caches (docs/performance.md): about 256 decoder rows, against the
+# beam's rows (about 2,000 in the demo) elsewhere.
+CPU_SAMPLE_ROWS = 256
+
+
 @dataclasses.dataclass
 class Translator:
     model: Model
@@ -98,7 +104,7 @@ class Translator:
         with self._compiling_ahead([batch for _, batch in planned]) as compiled:
             for number, (batch_indices, batch) in enumerate(planned):
                 compiled(number)
-                texts_out = self._translate_batch(batch, number, len(batch_indices))
+                texts_out = self._translate_batch(batch, len(batch_indices))
                 for i, text in zip(batch_indices, texts_out, strict=True):
                     out[i] = text
                 done += len(batch_indices)
@@ -144,12 +150,12 @@ class Translator:
         except Exception:  # the real call raises it where it belongs
             pass
 
-    def _translate_batch(self, batch: np.ndarray, number: int, real: int) -> list[str]:
+    def _translate_batch(self, batch: np.ndarray, real: int) -> list[str]:
         """[R, S] ids -> a translation of each of the first `real` rows (the rest pad)."""
         if not self.decode.mbr:
             return [self.vocab.decode(row) for row in self._decode(batch)[:real]]
         tokens, scores = self._decode(batch)
-        drawn = self._sample(batch, number) if self.decode.mbr_samples else None
+        drawn = self._sample(batch) if self.decode.mbr_samples else None
         samples = [None] * real if drawn is None else drawn[:real]
         word_order = {"chrf": 0, "chrf++": 2}[self.decode.mbr_utility]
         compete = self.decode.mbr_sample_candidates and drawn is not None
@@ -184,31 +190,36 @@ class Translator:
             lambda inputs: decoding.translate(self.model, self.params, inputs, self.decode), batch
         )
 
-    def _sample(self, batch: np.ndarray, number: int) -> np.ndarray:
-        """[R, mbr_samples, L] sampled outputs; the draws depend on mbr_seed and the batch number.
+    def _sample(self, batch: np.ndarray) -> np.ndarray:
+        """[R, mbr_samples, L] sampled outputs; a sentence's draws depend on mbr_seed
+        and the sentence alone (`decoding.source_keys`), not on its batch or chunk.
 
-        The batch's sources are sampled a chunk at a time, each chunk as many
-        decoder rows (sources x samples) as the beam search's (sources x beams):
-        32 samples of a whole batch at once would be 4x the memory of a beam of 8.
+        The batch's sources are sampled a chunk at a time (`_sample_rows`), each
+        chunk no more decoder rows (sources x samples) than the beam search's
+        (sources x beams): 32 samples of a whole batch at once would be 4x the
+        memory of a beam of 8.
         """
         d = self.decode
         rows = self._sample_rows(len(batch))
+        key = jax.random.key(d.mbr_seed)
+        sample = functools.partial(decoding.sample, self.model, self.params, key=key, decode=d)
         drawn = []
-        batch_key = jax.random.fold_in(jax.random.key(d.mbr_seed), number)
-        for chunk, start in enumerate(range(0, len(batch), rows)):
+        for start in range(0, len(batch), rows):
             sources = batch[start : start + rows]
             part = np.zeros((rows, batch.shape[1]), batch.dtype)  # one shape: one compilation
             part[: len(sources)] = sources
-            key = jax.random.fold_in(batch_key, chunk)
-            sample = functools.partial(decoding.sample, self.model, self.params, key=key, decode=d)
             drawn.append(self._on_device(sample, part)[: len(sources)])
         return np.concatenate(drawn)
 
     def _sample_rows(self, batch_rows: int) -> int:
-        """Sources per sampling chunk: sources x samples about the beam's rows."""
+        """Sources per sampling chunk: sources x samples about the beam's rows
+        (sources x beams), and on a CPU at most about CPU_SAMPLE_ROWS."""
         multiple = _row_multiple(self.mesh)
         d = self.decode
-        rows = d.beam_size * batch_rows // d.mbr_samples // multiple * multiple
+        budget = d.beam_size * batch_rows
+        if jax.default_backend() == "cpu":
+            budget = min(budget, CPU_SAMPLE_ROWS)
+        rows = budget // d.mbr_samples // multiple * multiple
         return min(max(multiple, rows), batch_rows)
 
     def _on_device(self, function: Callable[[jax.Array], Any], batch: np.ndarray) -> Any:
