@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -314,6 +315,30 @@ def test_epsilon_sampling_draws_only_tokens_of_probability_at_least_epsilon():
 # ----------------------------------------------------------------------------
 # The Transformer
 # ----------------------------------------------------------------------------
+
+
+def test_epsilon_sampling_reaches_past_the_first_top_k_and_keeps_each_rows_draw():
+    """A row of 30 candidates (over the first top-k of 16) is drawn among all 30,
+    and the other rows of its batch draw what they draw without it."""
+    rows, vocab = 6000, 100
+    few = np.full(vocab, 1e-6)
+    few[[7, 40, 90]] = [0.5, 0.3, 0.2]
+    many = np.full(vocab, 1e-6)
+    many[50:80] = 1 / 30
+    keys = jax.random.split(jax.random.key(5), rows)
+    sample = jax.jit(functools.partial(decoding.epsilon_sample, epsilon=0.02))
+    assert decoding.FIRST_TOP_K == 16 < 30 < math.ceil(1 / 0.02) + 1
+    plain = np.asarray(sample(jnp.log(jnp.tile(few, (rows, 1))), keys))
+    np.testing.assert_allclose(
+        np.bincount(plain, minlength=vocab)[[7, 40, 90]] / rows, [0.5, 0.3, 0.2], atol=0.02
+    )
+    mixed = np.asarray(sample(jnp.log(jnp.tile(few, (rows, 1))).at[0].set(jnp.log(many)), keys))
+    np.testing.assert_array_equal(mixed[1:], plain[1:])
+    assert 50 <= mixed[0] < 80
+    spread = np.asarray(sample(jnp.log(jnp.tile(many, (rows, 1))), keys))
+    frequency = np.bincount(spread, minlength=vocab) / rows
+    assert ((spread >= 50) & (spread < 80)).all()
+    np.testing.assert_allclose(frequency[50:80], 1 / 30, atol=0.012)
 
 
 @pytest.fixture(scope="module")
