@@ -302,14 +302,15 @@ def test_sampling_draws_each_sequence_with_its_probability():
 def test_epsilon_sampling_draws_only_tokens_of_probability_at_least_epsilon():
     probs = np.array([0.04, 0.5, 0.3, 0.15, 0.01])
     log_probs = jnp.log(jnp.tile(probs, (20000, 1)))
-    tokens = np.asarray(decoding.epsilon_sample(log_probs, jax.random.key(1), epsilon=0.05))
+    keys = jax.random.split(jax.random.key(1), 20000)  # one per row
+    tokens = np.asarray(decoding.epsilon_sample(log_probs, keys, epsilon=0.05))
     frequency = np.bincount(tokens, minlength=5) / len(tokens)
     np.testing.assert_allclose(frequency, [0, 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.015)
     # No token reaches epsilon: the most likely one is drawn.
     flat = jnp.log(jnp.asarray([[0.01] * 50 + [0.02] + [0.48 / 49] * 49]))
-    assert int(decoding.epsilon_sample(flat, jax.random.key(2), epsilon=0.05)[0]) == 50
+    assert int(decoding.epsilon_sample(flat, keys[:1], epsilon=0.05)[0]) == 50
     with pytest.raises(ValueError, match="epsilon must be in"):
-        decoding.epsilon_sample(log_probs, jax.random.key(1), epsilon=1.0)
+        decoding.epsilon_sample(log_probs, keys, epsilon=1.0)
 
 
 # ----------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def sample_search(
 
 def epsilon_sample(log_probs: jax.Array, keys: jax.Array, *, epsilon: float) -> jax.Array:
     """log_probs [R, V] -> one token per row, among those of probability >= epsilon,
-    row r drawn with keys[r] ([R] keys; one key: for all rows).
+    row r drawn with keys[r] ([R] keys).
 
     At most 1/epsilon tokens can have that probability, so the draw is among the
     top ceil(1/epsilon) + 1 only (the + 1 for float rounding): random numbers for
@@ -282,10 +282,11 @@ def epsilon_sample(log_probs: jax.Array, keys: jax.Array, *, epsilon: float) -> 
 
     def draw(top: jax.Array, tokens: jax.Array) -> jax.Array:
         keep = (top >= threshold) | (jnp.arange(top.shape[-1]) == 0)
-        noise = _gumbel(keys, top.shape[0], first)
+        noise = _gumbel(keys, first)
         if top.shape[-1] > first:
-            later = jax.random.fold_in(keys, 1) if keys.ndim == 0 else _fold_in_rows(keys, 1)
-            noise = jnp.concatenate([noise, _gumbel(later, top.shape[0], top.shape[-1] - first)], 1)
+            noise = jnp.concatenate(
+                [noise, _gumbel(_fold_in_rows(keys, 1), top.shape[-1] - first)], 1
+            )
         choice = jnp.argmax(jnp.where(keep, top + noise, -jnp.inf), axis=-1)
         return jnp.take_along_axis(tokens, choice[:, None], axis=1)[:, 0]
 
@@ -309,10 +310,8 @@ def _fold_in_rows(keys: jax.Array, data) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
 
 
-def _gumbel(keys: jax.Array, rows: int, width: int) -> jax.Array:
-    """[rows, width] Gumbel noise: row r from keys[r] ([R] keys), or all from one key."""
-    if keys.ndim == 0:
-        return jax.random.gumbel(keys, (rows, width))
+def _gumbel(keys: jax.Array, width: int) -> jax.Array:
+    """[R, width] Gumbel noise, row r from keys[r]."""
     return jax.vmap(lambda key: jax.random.gumbel(key, (width,)))(keys)
 
 
