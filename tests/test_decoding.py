@@ -629,3 +629,75 @@ def test_sampling_gathers_the_rows_still_decoding_and_changes_no_output():
     assert batch_sizes[1:] == [rows, rows // 8, rows // 64]
     np.testing.assert_array_equal(gathered, plain)
     np.testing.assert_array_equal([trimmed(r).index(EOS_ID) for r in plain], ends)
+
+
+def test_beam_search_gathers_the_sentences_still_searching_and_changes_no_output():
+    """64 sentences of the table ending at different steps (their max lengths, EOS):
+    with step_for_sentences, the last 8 searching move into a batch of their own,
+    their per-hypothesis cache (`state_*`) with them, and every sentence's n best
+    and scores stay what the whole batch finds."""
+    sentences, width, length = 64, 3, 9
+    table = markov_table(1, eos_bias=-4.0)
+    max_lengths = jnp.asarray(np.random.default_rng(1).integers(1, length + 1, sentences))
+    # EOS made rarer: some sentences end by EOS, others at their max length.
+    step_fn, reorder, history = markov_search(table, sentences * width, length)
+    rows_seen = []
+
+    def step_for(sentence_ids):
+        def step(cache, tokens, position):
+            rows_seen.append(tokens.shape[0])  # at trace time: once per batch size
+            history, cache_out = step_fn(cache["state_history"], tokens, position)
+            return history, {"state_history": cache_out}
+
+        return step
+
+    reorder_named = lambda cache, rows: {"state_history": reorder(cache["state_history"], rows)}  # noqa: E731
+    search = functools.partial(
+        decoding.beam_search, reorder_fn=reorder_named, cache={"state_history": history},
+        max_lengths=max_lengths, length=length, beam_size=width, alpha=0.6, n_best=2,
+    )  # fmt: skip
+    tokens, scores, _ = search(step_for(None))
+    assert rows_seen == [sentences * width]
+    gathered, gathered_scores, _ = search(step_for(None), step_for_sentences=step_for)
+    assert rows_seen[1:] == [sentences * width, sentences // 8 * width]
+    np.testing.assert_array_equal(gathered, tokens)
+    np.testing.assert_array_equal(gathered_scores, scores)
+    lengths = [len(trimmed(row)) for row in np.asarray(tokens[:, 0])]
+    assert len(set(lengths)) > 3  # the sentences did end at different steps
+
+
+def test_beam_search_on_the_model_gathers_sentences_without_changing_them(
+    each_model, make_tokens, monkeypatch
+):
+    """`decoding.decode_n_best` gathers the sentences still searching (their self-
+    and cross-attention entries, or the LSTM's states) into a batch of their own;
+    its n best equal a search of the whole batch to the end."""
+    model, params = each_model
+    lengths = np.random.default_rng(2).integers(1, 5, 64)  # sources of 1 to 4 tokens,
+    lengths[::16] = 9  # and 4 of 9: the last ones searching
+    inputs = np.array(make_tokens((64, 9)))
+    for row, n in enumerate(lengths):
+        inputs[row, n - 1] = EOS_ID
+        inputs[row, n:] = PAD_ID
+    inputs = jnp.asarray(inputs)
+    step_sources = []
+    step_function = decoding.step_function
+
+    def recording(model, params, inputs):
+        step_sources.append(inputs.shape[0])
+        return step_function(model, params, inputs)
+
+    monkeypatch.setattr(decoding, "step_function", recording)
+    settings = DecodeConfig(beam_size=3, max_extra=2)
+    tokens, scores = decoding.decode_n_best(model, params, inputs, settings, n_best=2)
+    assert step_sources == [64, 8]
+    length = decoding.output_length(model.config, inputs.shape[1], 2)
+    step_fn, cache = decoding.model_step(model, params, inputs, 64 * 3, length)
+    whole, whole_scores, _ = decoding.beam_search(
+        step_fn, decoding.reorder_cache, cache, decoding.max_output_lengths(inputs, 2, length),
+        length=length, beam_size=3, alpha=settings.length_penalty, n_best=2,
+    )  # fmt: skip
+    np.testing.assert_array_equal(tokens, whole)
+    np.testing.assert_allclose(scores, whole_scores, rtol=1e-5)
+    ends = [len(trimmed(row)) for row in np.asarray(whole[:, 0])]
+    assert len(set(ends)) > 3

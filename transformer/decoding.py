@@ -37,6 +37,10 @@ What the paper's decoder needs, and how it is done here:
   (transformer/attention.py). The LSTM baseline's cache is its state per
   hypothesis row, which does move with its beam (`reorder_cache`).
   The cache is sized to what the batch needs: min(S + max_extra, max_len).
+- Not in the paper, and no change to any output: once at most 1/8 of a batch's
+  sentences are still searching (or of its rows still sampling), they are
+  gathered with their cache into a batch of that size, so that a batch's few
+  long sentences do not keep its finished ones computing (`_extend_compacting`).
 
 Hypotheses are laid out source-major: row b * W + k is beam k of sentence b.
 """
@@ -137,6 +141,7 @@ def beam_search(
     no_repeat_ngram: int = 0,
     n_best: int = 1,
     early_stop: bool = True,
+    step_for_sentences: Callable[[jax.Array], StepFn] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The n_best best hypotheses of each sentence under the length penalty.
 
@@ -146,11 +151,45 @@ def beam_search(
     log P / lp, NEG_INF where fewer hypotheses ended; the number of steps run).
     n_best is at most beam_size. no_repeat_ngram n > 0: no hypothesis repeats an
     n-gram of tokens. early_stop=False runs every sentence to its max length.
+
+    With `step_for_sentences(sentences)` (the step function of those sentences
+    alone), the sentences still searching are gathered, with their beams and
+    cache (`select_sentences`), into a batch of 1/8 the size once no more than
+    that remain, as `sample_search` does with its rows: a batch's last long
+    sentences no longer drag its finished ones through every step.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
     batch, width = max_lengths.shape[0], beam_size
-    max_lengths = jnp.clip(max_lengths, 1, length)
+    run = functools.partial(
+        _beam_steps, reorder_fn=reorder_fn, width=width, length=length, alpha=alpha,
+        no_repeat_ngram=no_repeat_ngram, n_best=n_best, early_stop=early_stop,
+    )  # fmt: skip
+    first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF)
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        alive=jnp.zeros((batch, width, length), jnp.int32),
+        alive_logp=jnp.broadcast_to(first_beam_only, (batch, width)),
+        finished=jnp.zeros((batch, n_best, length), jnp.int32),
+        score=jnp.full((batch, n_best), NEG_INF, jnp.float32),
+        count=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+    )
+    state = _extend_compacting(
+        run, step_fn, state, jnp.clip(max_lengths, 1, length), step_for_sentences,
+        outputs=("finished", "score"),
+        take_cache=functools.partial(select_sentences, width=width),
+    )  # fmt: skip
+    return state["finished"], state["score"], state["step"]
+
+
+def _beam_steps(
+    step_fn, state, max_lengths, *, reorder_fn, width, length, alpha, no_repeat_ngram, n_best,
+    early_stop, until_alive,
+):  # fmt: skip
+    """The loop of `beam_search`, until at most `until_alive` sentences are searching."""
+    batch = max_lengths.shape[0]
     best_possible_lp = length_penalty(max_lengths, alpha)  # [B]
 
     def body(state):
@@ -198,21 +237,9 @@ def beam_search(
         )
 
     def cond(state):
-        return (state["step"] < length) & ~jnp.all(state["done"])
+        return (state["step"] < length) & (jnp.sum(~state["done"]) > until_alive)
 
-    first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF)
-    state = dict(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        alive=jnp.zeros((batch, width, length), jnp.int32),
-        alive_logp=jnp.broadcast_to(first_beam_only, (batch, width)),
-        finished=jnp.zeros((batch, n_best, length), jnp.int32),
-        score=jnp.full((batch, n_best), NEG_INF, jnp.float32),
-        count=jnp.zeros((batch,), jnp.int32),
-        done=jnp.zeros((batch,), bool),
-    )
-    state = jax.lax.while_loop(cond, body, state)
-    return state["finished"], state["score"], state["step"]
+    return jax.lax.while_loop(cond, body, state)
 
 
 def greedy_search(
@@ -345,29 +372,45 @@ def _one_token_at_a_time(
     run = functools.partial(
         _extend_rows, choose=choose, length=length, no_repeat_ngram=no_repeat_ngram
     )
-    return _extend_compacting(run, step_fn, state, jnp.clip(max_lengths, 1, length), step_for_rows)
+    state = _extend_compacting(
+        run, step_fn, state, jnp.clip(max_lengths, 1, length), step_for_rows, outputs=("out",)
+    )
+    return state["out"]
 
 
-def _extend_compacting(run, step_fn, state, max_lengths, step_for_rows):
+def _take_rows(tree, rows: jax.Array):
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), tree)
+
+
+def _extend_compacting(
+    run, step_fn, state, max_lengths, step_for_rows, *, outputs, take_cache=_take_rows
+):
     """`run` to the end; with step_for_rows, in batches of 1/COMPACT_BY the size
-    once few enough rows are left (see `sample_search`)."""
+    once few enough rows (sentences, for beam search) are left. Every entry of
+    `state` but the step and the cache is per row ([R, ...]); take_cache(cache,
+    rows) gathers the cache's. Returns the final state, whose `outputs` are
+    those of every row."""
     rows = max_lengths.shape[0]
     few = rows // COMPACT_BY
     if step_for_rows is None or few < COMPACT_BY:
-        return run(step_fn, state, max_lengths, until_alive=0)["out"]
+        return run(step_fn, state, max_lengths, until_alive=0)
     state = run(step_fn, state, max_lengths, until_alive=few)
-    # The rows still decoding, padded with an ended row (its writes are PAD over PAD).
+    # The rows still decoding, padded with an ended row: an ended row's outputs
+    # no longer change, so its copy writes back what is there.
     alive = jnp.nonzero(~state["done"], size=few, fill_value=jnp.argmax(state["done"]))[0]
-    take = lambda x: jnp.take(x, alive, axis=0)  # noqa: E731
     sub_state = {
-        name: jax.tree_util.tree_map(take, value) if name != "step" else value
+        name: value
+        if name == "step"
+        else (take_cache if name == "cache" else _take_rows)(value, alive)
         for name, value in state.items()
-    }  # the cache, out, done and keys of those rows
+    }
     sub_step_for_rows = lambda sub: step_for_rows(jnp.take(alive, sub))  # noqa: E731
-    out = _extend_compacting(
-        run, step_for_rows(alive), sub_state, take(max_lengths), sub_step_for_rows
-    )
-    return state["out"].at[alive].set(out)
+    sub = _extend_compacting(
+        run, step_for_rows(alive), sub_state, jnp.take(max_lengths, alive), sub_step_for_rows,
+        outputs=outputs, take_cache=take_cache,
+    )  # fmt: skip
+    written = {name: state[name].at[alive].set(sub[name]) for name in outputs}
+    return {**state, "step": sub["step"], **written}
 
 
 def _extend_rows(step_fn, state, max_lengths, *, choose, length, no_repeat_ngram, until_alive):
@@ -422,6 +465,22 @@ def reorder_cache(cache: Cache, rows: jax.Array) -> Cache:
         return leaf
 
     return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def select_sentences(cache: Cache, sentences: jax.Array, *, width: int) -> Cache:
+    """The cache of the sentences `sentences` [B'] (of B), each with its W beams.
+
+    Everything in the cache is per sentence ([B, ...]) except the LSTM's
+    `state_i`, per hypothesis ([B*W, ...], source-major; see reorder_cache).
+    """
+
+    def take(path, leaf):
+        if any(str(getattr(key, "key", "")).startswith("state_") for key in path):
+            per_sentence = leaf.reshape(-1, width, *leaf.shape[1:])
+            return jnp.take(per_sentence, sentences, axis=0).reshape(-1, *leaf.shape[1:])
+        return jnp.take(leaf, sentences, axis=0)
+
+    return jax.tree_util.tree_map_with_path(take, cache)
 
 
 def output_length(config: ModelConfig, source_length: int, max_extra: int) -> int:
@@ -517,6 +576,7 @@ def decode_n_best(
     tokens, scores, _ = beam_search(
         step_fn, reorder_cache, cache, max_lengths, length=length, beam_size=beam_size,
         alpha=settings.length_penalty, no_repeat_ngram=settings.no_repeat_ngram, n_best=n_best,
+        step_for_sentences=lambda s: step_function(model, params, jnp.take(inputs, s, axis=0)),
     )  # fmt: skip
     return tokens, scores
 
