@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import struct
@@ -560,6 +561,7 @@ def _compilations_of_a_run(ding_sample, workdir, steps: int) -> int:
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(duration)
 
+    train.training_program.cache_clear()  # each run compiles its step itself
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         setup = Setup(
@@ -580,3 +582,30 @@ def test_compilations_do_not_grow_with_steps(ding_sample, tmp_path):
     long = _compilations_of_a_run(ding_sample, tmp_path / "long", 60)
     assert first >= short > 0  # the counter does see compilations (the train step's own)
     assert long == short
+
+
+def test_timing_the_step_on_this_host_compiles_it_for_the_run(
+    ding_sample, tmp_path, caplog, capsys
+):
+    """The step timed to decide on dropout and the run's step are one compilation
+    (and so is the state's initialization): seconds of a CPU run saved."""
+    from transformer.loop import Setup, train_and_evaluate
+
+    setup = Setup(
+        model=config.preset("tiny").replace(vocab_size=350, max_len=32, dropout=0.1),
+        train=config.TrainConfig(
+            steps=3, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
+            final_eval_split="", checkpoint_every=0, checkpoint_minutes=0,
+            train_minutes=600, dropout_min_steps=2,
+        ),
+        data=ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1),
+        decode=config.DecodeConfig(),
+        workdir=str(tmp_path),
+    )  # fmt: skip
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        train_and_evaluate(setup)
+    assert "dropout 0.1 kept" in capsys.readouterr().out  # the step was timed
+    messages = [record.getMessage() for record in caplog.records]
+    compiled = [m.split()[4] for m in messages if m.startswith("Finished XLA compilation of")]
+    assert compiled.count("jit(train_step)") == 1, compiled
+    assert compiled.count("jit(initial)") == 1, compiled

@@ -36,19 +36,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from transformer import checkpoint, config, flops, metrics, record, sharding
-from transformer.architecture import build
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline
 from transformer.evaluation import Evaluator
 from transformer.progress import format_duration, say
 from transformer.train import (
+    Program,
     TrainState,
     abstract_state,
     cooldown_factor,
-    create_state,
-    jit_train_step,
-    make_optimizer,
     seconds_per_step,
+    training_program,
 )
 
 # Steps dispatched to the devices ahead of the last one known finished. Two keep
@@ -101,12 +99,11 @@ def train_and_evaluate(setup: Setup) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    model = build(setup.model)
-    optimizer = make_optimizer(setup.model, setup.train)
+    program = training_program(setup.model, setup.train, mesh)
+    model = program.model
     peak, peak_source = flops.device_peak(setup.model.dtype)  # outside the mesh: one device
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
-        state, shardings, start = _resume(setup, model, optimizer, mesh)
-        step_fn = jit_train_step(model, optimizer, setup.train, mesh, shardings)
+        state, start = _resume(setup, program, mesh)
         run = Run(
             setup=setup,
             mesh=mesh,
@@ -118,7 +115,7 @@ def train_and_evaluate(setup: Setup) -> dict:
             peak_flops=peak,
         )
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-        results = run.train(state, step_fn, start)
+        results = run.train(state, program.step, start)
         run.writer.close()
     if jax.process_index() == 0:
         (epath.Path(setup.workdir) / "results.json").write_text(json.dumps(results, indent=2))
@@ -173,12 +170,12 @@ class Start:
     train_seconds: float = 0.0  # training time of the runs before this one
 
 
-def _resume(setup: Setup, model, optimizer, mesh) -> tuple[TrainState, object, Start]:
+def _resume(setup: Setup, program: Program, mesh) -> tuple[TrainState, Start]:
     """The workdir's latest checkpoint, else --init_from's parameters, else a fresh state.
 
-    -> (state, its shardings, where this run starts).
+    -> (state, where this run starts).
     """
-    abstract, shardings = abstract_state(model, optimizer, setup.train.seed, mesh)
+    abstract, shardings = abstract_state(program.model, program.optimizer, setup.train.seed, mesh)
     mngr = checkpoint.manager(setup.workdir, setup.train.keep_checkpoints)
     restored = checkpoint.restore_latest(
         mngr, abstract.params, abstract.opt_state, fallback=setup.fallback_checkpoint
@@ -194,8 +191,8 @@ def _resume(setup: Setup, model, optimizer, mesh) -> tuple[TrainState, object, S
         )
         say(f"resumed from step {restored.step} ({mngr.directory})")
         start = Start(restored.step, float(meta.get("train_seconds", 0.0)))
-        return jax.device_put(state, shardings), shardings, start
-    state, shardings = create_state(model, optimizer, setup.train.seed, mesh)
+        return jax.device_put(state, shardings), start
+    state = program.init(jax.random.key(setup.train.seed))
     if setup.init_from:
         source = checkpoint.manager(setup.init_from, read_only=True)
         loaded = checkpoint.restore_latest(source, abstract.params)
@@ -204,7 +201,7 @@ def _resume(setup: Setup, model, optimizer, mesh) -> tuple[TrainState, object, S
             raise checkpoint.CheckpointError(f"--init_from={setup.init_from} has no checkpoint")
         state = state.replace(params=loaded.params)
         say(f"initialized parameters from {setup.init_from} step {loaded.step}")
-    return state, shardings, Start()
+    return state, Start()
 
 
 # ----------------------------------------------------------------------------

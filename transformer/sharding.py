@@ -149,9 +149,22 @@ def sharded_init(
     nothing is materialized on one device first.
     """
     shardings = abstract_init(init_fn, rng, mesh)[1]
-    with nn.logical_axis_rules(ACTIVATION_RULES):
-        tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    return tree, shardings
+    return jit_init(init_fn, shardings)(rng), shardings
+
+
+def jit_init(init_fn: Callable[[jax.Array], Any], shardings: Any) -> Callable[[jax.Array], Any]:
+    """rng -> init_fn(rng) unboxed, made straight into `shardings` (compiled once)."""
+
+    def initial(rng):
+        return nn.unbox(init_fn(rng))
+
+    jitted = jax.jit(initial, out_shardings=shardings)
+
+    def init(rng: jax.Array) -> Any:
+        with nn.logical_axis_rules(ACTIVATION_RULES):
+            return jitted(rng)
+
+    return init
 
 
 def abstract_init(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -257,6 +258,29 @@ def jit_train_step(model, optimizer, train: TrainConfig, mesh, state_shardings):
     )
 
 
+class Program(NamedTuple):
+    """What training a model config with a recipe on a mesh is made of."""
+
+    model: Model
+    optimizer: optax.GradientTransformation
+    shardings: Any  # the TrainState's
+    step: Callable  # `jit_train_step`
+    init: Callable  # rng -> a fresh TrainState, made in its shardings
+
+
+@functools.lru_cache(maxsize=1)
+def training_program(model_cfg: ModelConfig, train: TrainConfig, mesh) -> Program:
+    """The Program of a config on a mesh. The last one made is kept, so that
+    timing the step on this host (`seconds_per_step`) and the run that follows
+    share its compilations (seconds on a CPU)."""
+    model = build(model_cfg)
+    optimizer = make_optimizer(model_cfg, train)
+    initialize = init_fn(model, optimizer, train.seed)
+    _, shardings = sharding.abstract_init(initialize, jax.random.key(train.seed), mesh)
+    step = jit_train_step(model, optimizer, train, mesh, shardings)
+    return Program(model, optimizer, shardings, step, sharding.jit_init(initialize, shardings))
+
+
 def eval_step(params, batch: dict, *, model: Model, smoothing: float) -> dict:
     """Loss sums of one evaluation batch (no dropout)."""
     _, sums = loss_sums(params, batch, None, model, smoothing, True)
@@ -306,12 +330,12 @@ def seconds_per_step(
     """Median wall time of the compiled train step over `mesh`, on a batch of `rows`
     packed rows of `length` random tokens: what this host will spend on a step.
 
-    Compiles the step once (seconds on a CPU); every process measures alike.
+    Compiles the step once (seconds on a CPU), for the run too where its
+    config is the same (`training_program`); every process measures alike.
     """
-    model = build(model_cfg)
-    optimizer = make_optimizer(model_cfg, train)
-    state, shardings = create_state(model, optimizer, train.seed, mesh)
-    step = jit_train_step(model, optimizer, train, mesh, shardings)
+    program = training_program(model_cfg, train, mesh)
+    step = program.step
+    state = program.init(jax.random.key(train.seed))
     local = random_packed(rows, length, model_cfg.vocab_size)
     batch = sharding.global_batch(mesh, local, process_local=False)
     state, metrics = step(state, batch, np.float32(0.0))  # compiles; a zero learning rate
