@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.data import DataError, vocab
@@ -105,9 +106,12 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
              for _ in range(5000)]  # fmt: skip
-    vocab.train([" ".join(rng.choices(words, k=10)) for _ in range(20000)], 2000)
+    trained = vocab.train([" ".join(rng.choices(words, k=10)) for _ in range(20000)], 2000)
     total = seen[0][1]
     assert total > 1 and seen == [(k, total) for k in range(1, total + 1)] + [(total, total)]
     out, err = capfd.readouterr()
     assert f"fitting the vocabulary's pieces: {total}/{total} rounds" in out
     assert "EM sub_iter" not in err and "trainer_spec" not in err
+    # It started from 12 seed pieces per piece, not SentencePiece's 1M.
+    spec = sentencepiece_model_pb2.ModelProto.FromString(trained.proto).trainer_spec
+    assert spec.seed_sentencepiece_size == 24_000
