@@ -42,6 +42,22 @@ def tiny() -> config.ModelConfig:
 
 
 @pytest.fixture
+def step_sources(monkeypatch) -> list[int]:
+    """The number of sources of every decoder step function made from here on
+    (`decoding.step_function`), in order: how a search split its batch."""
+    from transformer import decoding
+
+    made, sizes = decoding.step_function, []
+
+    def recording(model, params, inputs):
+        sizes.append(inputs.shape[0])
+        return made(model, params, inputs)
+
+    monkeypatch.setattr(decoding, "step_function", recording)
+    return sizes
+
+
+@pytest.fixture
 def make_tokens():
     """make_tokens(shape, vocab_size=512): random ids avoiding the special ids 0..3."""
     rng = np.random.default_rng(0)

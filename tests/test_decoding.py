@@ -667,7 +667,7 @@ def test_beam_search_gathers_the_sentences_still_searching_and_changes_no_output
 
 
 def test_beam_search_on_the_model_gathers_sentences_without_changing_them(
-    each_model, make_tokens, monkeypatch
+    each_model, make_tokens, step_sources
 ):
     """`decoding.decode_n_best` gathers the sentences still searching (their self-
     and cross-attention entries, or the LSTM's states) into a batch of their own;
@@ -680,14 +680,6 @@ def test_beam_search_on_the_model_gathers_sentences_without_changing_them(
         inputs[row, n - 1] = EOS_ID
         inputs[row, n:] = PAD_ID
     inputs = jnp.asarray(inputs)
-    step_sources = []
-    step_function = decoding.step_function
-
-    def recording(model, params, inputs):
-        step_sources.append(inputs.shape[0])
-        return step_function(model, params, inputs)
-
-    monkeypatch.setattr(decoding, "step_function", recording)
     settings = DecodeConfig(beam_size=3, max_extra=2)
     tokens, scores = decoding.decode_n_best(model, params, inputs, settings, n_best=2)
     assert step_sources == [64, 8]

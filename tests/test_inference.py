@@ -275,7 +275,7 @@ def test_samples_are_drawn_in_small_chunks_on_a_cpu_with_the_same_draws(
     assert len({tuple(s) for s in drawn[4].reshape(20, -1)}) > 5  # drawn, not all alike
 
 
-def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, monkeypatch):
+def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, step_sources):
     """8 sources x 8 samples at epsilon 0.99 (each sample the greedy output): once
     at most 8 rows are left they continue as a batch of 8, and the outputs are greedy's."""
     model = trained.load(str(trained_workdir))
@@ -283,19 +283,11 @@ def test_samples_of_a_trained_model_are_gathered_as_rows_end(trained_workdir, mo
              "Das Mädchen sucht die Tür und den Hund.", "Der Mann kauft.", "Unsere Lehrerin malt.",
              "Die Straße ist kaputt, sagt der Bäcker."]  # fmt: skip
     batch = jnp.asarray(padded_ids(model.vocab, texts))
-    sizes = []
-    step_function = decoding.step_function
-
-    def recording(model_, params, inputs):
-        sizes.append(inputs.shape[0])
-        return step_function(model_, params, inputs)
-
-    monkeypatch.setattr(decoding, "step_function", recording)
     decode = DecodeConfig(mbr=2, mbr_samples=8, mbr_epsilon=0.99)
     drawn = np.asarray(decoding.decode_samples(
         model.model, model.params, batch, jax.random.key(0), decode
     ))  # fmt: skip
-    assert sizes == [64, 8]
+    assert step_sources == [64, 8]
     greedy = np.asarray(
         decoding.decode(model.model, model.params, batch, DecodeConfig(beam_size=1))
     )
