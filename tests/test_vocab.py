@@ -110,6 +110,7 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
     total = seen[0][1]
     assert total > 1 and seen == [(k, total) for k in range(1, total + 1)] + [(total, total)]
     out, err = capfd.readouterr()
+    assert f"fitting the vocabulary's pieces: 1/{total} rounds" in out  # at once, in a log too
     assert f"fitting the vocabulary's pieces: {total}/{total} rounds" in out
     assert "EM sub_iter" not in err and "trainer_spec" not in err
     # It started from 12 seed pieces per piece, not SentencePiece's 1M.

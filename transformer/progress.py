@@ -39,13 +39,17 @@ class Meter:
         unit: str,
         *,
         every_s: float = 10.0,
+        first_at_once: bool = False,
         stream: TextIO | None = None,
     ):
+        """first_at_once: a log gets the first update at once, not after every_s
+        (for a meter created late in its phase, or that advances seldom)."""
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
         self.stream = sys.stdout if stream is None else stream
         self.live = self.stream.isatty()
         self.done, self.start = 0, time.monotonic()
-        self.last_shown, self.shown_done = self.start, None
+        self.last_shown = self.start - every_s if first_at_once else self.start
+        self.shown_done = None
         self.enabled = jax.process_index() == 0
 
     def advance(self, count: int) -> None:

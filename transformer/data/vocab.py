@@ -167,7 +167,8 @@ def _follow_rounds(read_end: int, vocab_size: int) -> None:
             if meter is None:  # the rounds from this size down to 1.1 x vocab_size
                 left = int(found.group(1)) / (1.1 * vocab_size)
                 rounds = max(1, math.ceil(math.log(max(left, 1.0)) / -math.log(_SHRINK)))
-                meter = Meter("fitting the vocabulary's pieces", rounds, "rounds")
+                label = "fitting the vocabulary's pieces"
+                meter = Meter(label, rounds, "rounds", first_at_once=True)
             meter.update(min(meter.done + 1, meter.total), meter.total)
     if meter is not None:  # the fit is over, whatever the estimate said
         meter.update(meter.total, meter.total)
