@@ -2,10 +2,14 @@
 
 import resource
 
-import jax.numpy as jnp
+from experiments import tcmalloc
 
-from experiments.cli import UserError
-from transformer.config import EOS_ID
+tcmalloc.use_tcmalloc()  # before jax is imported: see experiments/tcmalloc.py
+
+import jax.numpy as jnp  # noqa: E402
+
+from experiments.cli import UserError  # noqa: E402
+from transformer.config import EOS_ID  # noqa: E402
 
 
 def peak_rss_gib() -> float:
