@@ -3,8 +3,8 @@
 XLA:CPU allocates a computation's scratch memory afresh at every execution and
 frees it after: for the CPU demo's training step, one 585 MB block. glibc's
 malloc serves a block that large from its worker thread with mmap and returns it
-with munmap, so every step faults in 140,000 zeroed pages: a quarter of the
-demo's step time went to the kernel. tcmalloc keeps freed blocks for reuse. On a
+with munmap, so every step faults in 143,000 zeroed pages, and a fifth of the
+process's CPU time went to the kernel. tcmalloc keeps freed blocks for reuse. On a
 2-core Xeon, the demo's training ran 1.32x (float32) and 1.43x (bfloat16) more
 steps per second with it, with the same losses; its final evaluation took 6%
 less; peak memory grew by about half a GiB (docs/performance.md).

@@ -199,12 +199,15 @@ def tiny_training_args(ding_sample, workdir, steps: int, checkpoint_every: int =
     ]
 
 
-def run_module(module: str, *args: str, check: bool = True, stdin: bytes | None = None):
-    """Runs `python -m module args` on one CPU device; returns the CompletedProcess (bytes)."""
+def run_module(
+    module: str, *args: str, check: bool = True, stdin: bytes | None = None, env: dict | None = None
+):
+    """Runs `python -m module args` on one CPU device (with `env` added to this process's
+    environment); returns the CompletedProcess (bytes)."""
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
     result = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, env=env, input=stdin
     )
