@@ -17,7 +17,8 @@ hold: the host is Linux; tcmalloc is installed (Debian and Ubuntu:
 `apt-get install libtcmalloc-minimal4`); no accelerator plugin for JAX is
 installed (what bounds a GPU or TPU step is not the host's malloc, and it was
 not measured there); LD_PRELOAD is unset (a preload of the user's stays); and
-TRANSFORMER_ALLOCATOR is not `system` (the opt-out).
+TRANSFORMER_ALLOCATOR is not `system` (the opt-out; `tcmalloc` or unset is the
+default, anything else stops the program with a one-line error).
 
 `python -m experiments.allocator` prints the allocator an entry point runs
 with here.
@@ -93,6 +94,12 @@ def use_tcmalloc() -> None:
     """
     if sys.argv[:1] != ["-m"] or not getattr(sys, "orig_argv", None):
         return
+    if os.environ.get(OPT_OUT, "tcmalloc") not in ("tcmalloc", "system"):
+        program = sys.orig_argv[sys.orig_argv.index("-m") + 1]  # as cli.fail names it
+        sys.exit(
+            f"{program}: error: {OPT_OUT}={os.environ[OPT_OUT]!r}: set it to 'system' to "
+            "keep the C library's malloc, or unset it to use tcmalloc where it is installed"
+        )
     library = _wanted()
     if library is None:
         return

@@ -43,6 +43,18 @@ def test_the_opt_out_keeps_the_c_librarys_malloc():
     assert allocator_of(TRANSFORMER_ALLOCATOR="system") == "system"
 
 
+def test_a_bad_opt_out_value_is_a_one_line_error():
+    env = dict(os.environ, TRANSFORMER_ALLOCATOR="glibc")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.allocator"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "experiments.allocator: error: TRANSFORMER_ALLOCATOR='glibc': set it to 'system' "
+        "to keep the C library's malloc, or unset it to use tcmalloc where it is installed"
+    ]
+
+
 @needs_tcmalloc
 def test_a_preload_of_the_users_is_left_alone():
     assert allocator_of(LD_PRELOAD="libm.so.6") == "system"
