@@ -56,6 +56,21 @@ def in_use() -> str:
     return "system"
 
 
+def describe() -> str:
+    """A line for a run's log: the allocator in use and, where glibc's, why."""
+    used = in_use()
+    if used != "system":
+        return used
+    if os.environ.get(OPT_OUT) == "system":
+        return f"the C library's ({OPT_OUT}=system)"
+    if sys.platform.startswith("linux") and tcmalloc_library() is None:
+        return (
+            "the C library's; with tcmalloc installed (Debian, Ubuntu: "
+            "apt-get install libtcmalloc-minimal4) CPU steps run about 1.3x faster"
+        )
+    return "the C library's"
+
+
 def tcmalloc_library() -> str | None:
     """The name of an installed tcmalloc (the minimal build first), or None."""
     for name in ("tcmalloc_minimal", "tcmalloc"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 from absl import flags, logging
 
@@ -87,21 +86,6 @@ def _resolve_dtype(model: config.ModelConfig) -> config.ModelConfig:
     return model.replace(dtype=flops.fastest_dtype())
 
 
-def _say_allocator() -> None:
-    from experiments import tcmalloc
-    from transformer.progress import say
-
-    if tcmalloc.in_use() != "system":
-        say(f"memory allocator: {tcmalloc.in_use()}")
-    elif os.environ.get(tcmalloc.OPT_OUT) == "system":
-        say(f"memory allocator: the C library's ({tcmalloc.OPT_OUT}=system)")
-    elif sys.platform.startswith("linux"):
-        say(
-            "memory allocator: the C library's; with tcmalloc installed (Debian, Ubuntu: "
-            "apt-get install libtcmalloc-minimal4) CPU steps run about 1.3x faster"
-        )
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags start with --")
@@ -133,7 +117,10 @@ def main(argv: list[str]) -> None:
 
     model = _resolve_dtype(model)  # after initialize: measuring starts the backend
     if jax.default_backend() == "cpu":
-        _say_allocator()
+        from experiments import tcmalloc
+        from transformer.progress import say
+
+        say(f"memory allocator: {tcmalloc.describe()}")
     sizes = sharding.parse_mesh(_MESH.value, jax.device_count())
     sharding.check_divisibility(sizes, model, data.batch_rows if data.batching == "packed" else 0)
     logging.info("model %s, data %s, train %s, decode %s", model, data, train, decode)
