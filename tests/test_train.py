@@ -98,8 +98,12 @@ def batches(ding_sample, sample_vocab, tmp_path_factory):
     return [next(iterator) for _ in range(4)]
 
 
-def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
-    """Losses and final params of training from the same init on a given mesh."""
+def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None, host=False):
+    """Losses and final params of training from the same init on a given mesh.
+
+    host: the batches go to the step as the loop gives them on one CPU process,
+    as numpy arrays (`sharding.batch_placer`); else as global device arrays.
+    """
     devices = jax.devices()[:1] if devices is None else devices
     sizes = sharding.parse_mesh(mesh_spec, len(devices))
     mesh = sharding.make_mesh(sizes, devices)
@@ -108,9 +112,12 @@ def _run_steps(model_cfg, train_cfg, batches, mesh_spec="data:1", devices=None):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, train_cfg.seed, mesh)
         step = train.jit_train_step(model, optimizer, train_cfg, mesh, shardings)
+        place = functools.partial(sharding.global_batch, mesh)
+        if host:
+            place = sharding.batch_placer(mesh)
         losses = []
         for batch in batches:
-            state, metrics = step(state, sharding.global_batch(mesh, batch), np.float32(1))
+            state, metrics = step(state, place(batch), np.float32(1))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -144,10 +151,16 @@ def one_device(batches):
     return _run_steps(MODEL, TRAIN, batches)
 
 
-@pytest.mark.parametrize("mesh_spec", ["data:8", "data:4,tensor:2", "data:2,fsdp:4"])
-def test_eight_devices_give_the_same_losses_as_one(batches, one_device, mesh_spec):
+@pytest.mark.parametrize(
+    "mesh_spec, host", [("data:8", False), ("data:4,tensor:2", False), ("data:2,fsdp:4", True)]
+)
+def test_eight_devices_give_the_same_losses_as_one(batches, one_device, mesh_spec, host):
+    """host: the last mesh's rows reach the step as numpy arrays, split by its jit."""
     one, params_one = one_device
-    eight, params_eight = _run_steps(MODEL, TRAIN, batches, mesh_spec, jax.devices()[:8])
+    if host:
+        placed = sharding.batch_placer(sharding.make_mesh(sharding.parse_mesh(mesh_spec, 8)))
+        assert placed(batches[0]) is batches[0]  # a CPU process: no device_put of its own
+    eight, params_eight = _run_steps(MODEL, TRAIN, batches, mesh_spec, jax.devices()[:8], host)
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     _assert_params_close(params_one, params_eight, atol=2e-3)
 

@@ -232,7 +232,8 @@ class Run:
         step = start.step
         # Batch n is a function of n: the data position is the step (one batch a step).
         iterator = self.data.iterator(start=step)
-        batch = sharding.global_batch(self.mesh, next(iterator))
+        place = sharding.batch_placer(self.mesh)
+        batch = place(next(iterator))
         try:
             while step < cfg.steps and not preemption.requested:
                 left = clock.minutes_left(step)
@@ -250,7 +251,7 @@ class Run:
                     jax.block_until_ready(step_metrics["loss"])
                     say(f"first step compiled and ran in {clock.run_seconds():.1f}s")
                 if step < cfg.steps:  # the next batch goes to the devices while this step runs
-                    batch = sharding.global_batch(self.mesh, next(iterator))
+                    batch = place(next(iterator))
                 if len(in_flight) > MAX_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                     preemption.completed = step - len(in_flight)
