@@ -14,7 +14,11 @@ dropout 0.1 on residuals and embeddings, none on attention weights, batches of
 packed rows (4 examples a row). Each size and side runs in its own process,
 sides alternating, --rounds times; prints one JSON line per run (median step
 time of --repeats steps after a warm-up, peak RSS) and one per size with the
-medians and the speedup (the example's time over ours).
+medians and the speedup (the example's time over ours). With the step, each
+round also times the matmul floor: the step's dense matmuls alone (forward and
+both gradients, the shapes `dense_matmuls` lists), so the line's
+speedup_bound, the example's time over the floor, is the most that a step
+doing these matmuls in float32 could gain over the example's on this host.
 
 Beam search (--what=beam): the base model, float32, random parameters, 32
 sources of 25 tokens, beam 4, alpha 0.6, exactly 40 output positions on both
@@ -243,8 +247,39 @@ def example_beam(size: str) -> tuple[float, float]:
     return _timed_search(search, params, cache, inputs)
 
 
+def dense_matmuls(size: str) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of every dense matmul in the forward pass of a step at
+    `size`: each layer's projections and feed-forward, the tied output layer.
+    Attention's QK^T and weights x V (rows x length^2, a few percent here) are left out."""
+    d, layers, _, vocab, rows, length = SIZES[size]
+    n = rows * length  # tokens on each side
+    encoder = [(n, d, d)] * 4 + [(n, d, 4 * d), (n, 4 * d, d)]
+    decoder = [(n, d, d)] * 8 + [(n, d, 4 * d), (n, 4 * d, d)]  # self- and cross-attention
+    return layers * (encoder + decoder) + [(n, d, vocab)]
+
+
+def matmul_floor(size: str) -> tuple[float, float]:
+    """The step's dense matmuls alone, forward and both gradients, in one jitted
+    function on random float32 operands: a floor for any step at `size` on this
+    host (no attention, normalisation, dropout, loss or optimizer)."""
+    shapes = dense_matmuls(size)
+    rng = np.random.default_rng(0)
+
+    def operand(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+    operands = [(operand(n, k), operand(k, m), operand(n, m)) for n, k, m in shapes]
+
+    def matmuls(state, operands):
+        out = [(x @ w, g @ w.T, x.T @ g) for x, w, g in operands]  # forward, d input, d weight
+        return state, out
+
+    return _timed(jax.jit(matmuls), jnp.zeros(()), (operands,), _REPEATS.value)
+
+
 MEASURES = {
     ("ours", "step"): our_step, ("theirs", "step"): example_step,
+    ("floor", "step"): matmul_floor,
     ("ours", "beam"): our_beam, ("theirs", "beam"): example_beam,
 }  # fmt: skip
 
@@ -290,9 +325,10 @@ def main(argv):
 
 def compare(what: str, size: str) -> None:
     """Both sides, alternating, each run in its own process; then the medians."""
-    runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
+    sides = ("ours", "theirs", "floor") if what == "step" else ("ours", "theirs")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(_ROUNDS.value):
-        for side in ("ours", "theirs"):
+        for side in sides:
             command = [sys.executable, "-m", "benchmarks.flax_example",
                        f"--example={_EXAMPLE.value}", f"--repeats={_REPEATS.value}",
                        f"--one={side}:{what}:{size}"]  # fmt: skip
@@ -302,12 +338,16 @@ def compare(what: str, size: str) -> None:
                 raise cli.UserError(f"{side}:{what}:{size}: {last}")
             runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[side][-1]), flush=True)
-    median = {s: statistics.median(r["seconds"] for r in runs[s]) for s in runs}
+    median = {s: round(statistics.median(r["seconds"] for r in runs[s]), 4) for s in runs}
     rss = {s: max(r["peak_rss_gib"] for r in runs[s]) for s in runs}
+    floor = {}
+    if "floor" in median:  # the most any step could be faster than the example's here
+        floor = {"matmul_floor_seconds": median["floor"],
+                 "speedup_bound": round(median["theirs"] / median["floor"], 3)}  # fmt: skip
     print(json.dumps({
         "benchmark": "flax_example", "what": what, "size": size,
         "ours_seconds": median["ours"], "example_seconds": median["theirs"],
-        "speedup": round(median["theirs"] / median["ours"], 3),
+        "speedup": round(median["theirs"] / median["ours"], 3), **floor,
         "ours_peak_rss_gib": rss["ours"], "example_peak_rss_gib": rss["theirs"],
     }), flush=True)  # fmt: skip
 

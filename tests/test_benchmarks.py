@@ -1,4 +1,4 @@
-"""The benchmark scripts refuse bad flags before measuring anything."""
+"""The benchmark scripts refuse bad flags before measuring anything, and measure what they say."""
 
 import subprocess
 import sys
@@ -31,3 +31,16 @@ def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, mes
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert lines[0].startswith(f"benchmarks.{script}: error:")
     assert result.stdout == ""  # not even the matmul peak
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_the_matmul_floor_multiplies_every_dense_matmul_of_the_step(size):
+    """benchmarks.flax_example's floor times the shapes `dense_matmuls` lists: their
+    FLOPs must be the model's forward pass without attention scores (flops.py)."""
+    from benchmarks import flax_example
+    from transformer import flops
+
+    *_, rows, length = flax_example.SIZES[size]
+    listed = sum(2 * n * k * m for n, k, m in flax_example.dense_matmuls(size))
+    model = flax_example._our_config(size)
+    assert listed == flops.forward_flops(model, rows, length, length, attention_scores=False)
