@@ -341,7 +341,7 @@ def compare(what: str, size: str) -> None:
     median = {s: round(statistics.median(r["seconds"] for r in runs[s]), 4) for s in runs}
     rss = {s: max(r["peak_rss_gib"] for r in runs[s]) for s in runs}
     floor = {}
-    if "floor" in median:  # the most any step could be faster than the example's here
+    if "floor" in median:  # the most a step doing these matmuls could gain over the example's
         floor = {"matmul_floor_seconds": median["floor"],
                  "speedup_bound": round(median["theirs"] / median["floor"], 3)}  # fmt: skip
     print(json.dumps({

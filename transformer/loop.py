@@ -250,7 +250,7 @@ class Run:
                 if step == start.step + 1:  # once: the compilation is in this first step
                     jax.block_until_ready(step_metrics["loss"])
                     say(f"first step compiled and ran in {clock.run_seconds():.1f}s")
-                if step < cfg.steps:  # the next batch goes to the devices while this step runs
+                if step < cfg.steps:  # the next batch, placed while this step runs
                     batch = place(next(iterator))
                 if len(in_flight) > MAX_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()

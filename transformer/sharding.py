@@ -150,9 +150,9 @@ def batch_placer(
     Global arrays on the devices (`global_batch`), put there while the previous
     step runs; on a single CPU process, the numpy arrays themselves: a CPU's
     devices are this host's memory, so there is no transfer to overlap, and the
-    step's jit copies numpy arguments into their sharding in C++ for a tenth of
-    the host time of a `device_put` (docs/performance.md). Whatever times the
-    step for a run must give it batches the same way, or the step compiles twice.
+    step's jit copies numpy arguments into their sharding in C++, which takes
+    the host less time than a `device_put` (docs/performance.md). Whatever times
+    the step for a run must give it batches the same way, or it compiles twice.
     """
     if jax.process_count() == 1 and mesh.devices.flat[0].platform == "cpu":
         return lambda batch: batch
