@@ -207,7 +207,7 @@ def run_module(
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, env=env, input=stdin
     )
