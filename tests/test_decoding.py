@@ -516,13 +516,44 @@ def test_beam_search_through_the_lineage_equals_copying_the_cache(tiny_model, ma
     assert (search(lambda cache, rows: cache) != np.asarray(ours)).any()
 
 
-@pytest.mark.parametrize("sources, beams", [(3, 4), (5, 1)])
-def test_grouped_log_softmax_equals_the_plain_one(sources, beams):
-    logits = jax.random.normal(jax.random.key(0), (sources * beams, 50), jnp.bfloat16) * 5
+@pytest.mark.parametrize("sources, beams, vocab", [(3, 4, 50), (5, 1, 50), (2, 4, 8000)])
+def test_grouped_log_softmax_equals_the_plain_one(sources, beams, vocab):
+    logits = jax.random.normal(jax.random.key(0), (sources * beams, vocab), jnp.bfloat16) * 5
     got = decoding.log_softmax_grouped(logits, sources)
-    assert got.dtype == jnp.float32 and got.shape == (sources * beams, 50)
+    assert got.dtype == jnp.float32 and got.shape == (sources * beams, vocab)
     want = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, k, values",
+    [
+        ((3, 4, 37000), 8, "normal"),
+        ((16, 8000), 16, "grid"),  # exact ties everywhere, within and across chunks
+        ((4, 8000), 16, "one_token"),  # one finite entry, the rest NEG_INF (EOS only)
+        ((2, 8000), 16, "straddle"),  # the 16th value is the max of one chunk, not of another
+        ((5, 1009), 4, "normal"),  # no divisor to chunk by: jax.lax.top_k itself
+    ],
+)
+def test_chunked_top_k_equals_lax_top_k(shape, k, values):
+    rng = np.random.default_rng(0)
+    if values == "normal":
+        x = rng.normal(0, 3, shape)
+    elif values == "grid":
+        x = rng.integers(-6, 0, shape)
+    else:
+        x = np.full(shape, decoding.NEG_INF)
+        x[..., 1] = -0.5
+    if values == "straddle":
+        # The last chunk holds the best value and fifteen -2s; the first chunk
+        # ten -2s of lower index, which come first among equals.
+        x[..., -1], x[..., -16:-1], x[..., :10] = 0.0, -2.0, -2.0
+    x = jnp.asarray(x, jnp.float32)
+    assert (decoding._chunk_size(shape[-1], k) is None) == (shape[-1] == 1009)
+    got_values, got_index = jax.jit(decoding.top_k, static_argnums=1)(x, k)
+    want_values, want_index = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(got_values, want_values)
+    np.testing.assert_array_equal(got_index, want_index)
 
 
 def test_best_extensions_equal_one_top_k_over_all_candidates():

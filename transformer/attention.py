@@ -294,12 +294,12 @@ class MultiHeadAttention(nn.Module):
             if axis == 3:
                 new = new.transpose(0, 1, 3, 2)  # [B, N, K, W]
             entries = self.get_variable("cache", name)
-            for beam in range(width):  # W small in-place writes
-                entries = jax.lax.dynamic_update_slice_in_dim(
-                    entries, jax.lax.slice_in_dim(new, beam, beam + 1, axis=axis),
-                    beam * length + decode_step, axis=axis,
-                )  # fmt: skip
-            cached[name] = entries
+            shape = entries.shape
+            # W*L viewed as [W, L] (a free reshape): one in-place write of all W beams.
+            entries = entries.reshape(*shape[:axis], width, length, *shape[axis + 1 :])
+            new = jnp.expand_dims(new, axis + 1)
+            entries = jax.lax.dynamic_update_slice_in_dim(entries, new, decode_step, axis=axis + 1)
+            cached[name] = entries.reshape(shape)
         own = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[:, None], (sources, width, 1))
         cached["lineage"] = jax.lax.dynamic_update_slice_in_dim(lineage, own, decode_step, axis=2)
         for name, array in cached.items():

@@ -109,6 +109,43 @@ def _block_repeated_ngrams(log_probs: jax.Array, sequences: jax.Array, step: jax
     return jnp.where(banned, NEG_INF, log_probs)
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k over the last axis, the same values and indices (ties to
+    the lower index), several times faster over a large vocabulary on XLA:CPU.
+
+    The last axis is cut into chunks of C entries (C a divisor of its size);
+    the k best entries all lie in the k chunks of highest maximum: an entry
+    outside them is outranked by each of their maxima, which are at least as
+    high and, where equal, come from a chunk of lower indices (ties between
+    chunks go to the lower one). So the top k of the k chunks' k * C entries,
+    taken in index order, are the top k of the row: [128, 37000] with k = 8
+    goes from a top-k over 37,000 entries to one over 740 and one over 1,000
+    (5.6 -> 1.2 ms on a 2-core Xeon, docs/performance.md). Rows with no
+    divisor of their size near 64 take jax.lax.top_k as is.
+    """
+    size = x.shape[-1]
+    chunk = _chunk_size(size, k)
+    if chunk is None:
+        return jax.lax.top_k(x, k)
+    lead = x.shape[:-1]
+    chunks = x.reshape(*lead, size // chunk, chunk)
+    _, best = jax.lax.top_k(jnp.max(chunks, axis=-1), k)
+    best = jnp.sort(best, axis=-1)  # index order, so that ties still go to the lower index
+    candidates = jnp.take_along_axis(chunks, best[..., None], axis=-2).reshape(*lead, k * chunk)
+    values, place = jax.lax.top_k(candidates, k)
+    index = jnp.take_along_axis(best, place // chunk, axis=-1) * chunk + place % chunk
+    return values, index
+
+
+def _chunk_size(size: int, k: int) -> int | None:
+    """The divisor of `size` in [16, 256] nearest to 64 (measured best from 8000
+    to 37000 entries), if the chunks outnumber k enough to pay; else None."""
+    divisors = [c for c in range(16, 257) if size % c == 0 and size // c >= 4 * k]
+    if size < 1024 or not divisors:
+        return None
+    return min(divisors, key=lambda c: abs(math.log(c / 64)))
+
+
 def best_extensions(
     alive_logp: jax.Array, log_probs: jax.Array, k: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -122,7 +159,7 @@ def best_extensions(
     """
     batch, vocab = log_probs.shape[0], log_probs.shape[-1]
     per_beam = min(k, vocab)
-    beam_best, beam_tokens = jax.lax.top_k(log_probs, per_beam)  # [B, W, k]
+    beam_best, beam_tokens = top_k(log_probs, per_beam)  # [B, W, k]
     candidates = (alive_logp[:, :, None] + beam_best).reshape(batch, -1)
     scores, flat = jax.lax.top_k(candidates, k)  # [B, k]
     token = jnp.take_along_axis(beam_tokens.reshape(batch, -1), flat, axis=1)
@@ -317,7 +354,7 @@ def epsilon_sample(log_probs: jax.Array, keys: jax.Array, *, epsilon: float) -> 
         choice = jnp.argmax(jnp.where(keep, top + noise, -jnp.inf), axis=-1)
         return jnp.take_along_axis(tokens, choice[:, None], axis=1)[:, 0]
 
-    top, tokens = jax.lax.top_k(log_probs, first)
+    top, tokens = top_k(log_probs, first)
     if first == k:
         return draw(top, tokens)
     return jax.lax.cond(
@@ -325,7 +362,7 @@ def epsilon_sample(log_probs: jax.Array, keys: jax.Array, *, epsilon: float) -> 
         # (Not top[:, -1] >= threshold: a slice of its output makes XLA:CPU sort
         # whole rows instead of its top-k, 80x slower.)
         jnp.any(jnp.all(top >= threshold, axis=-1)),
-        lambda: draw(*jax.lax.top_k(log_probs, k)),
+        lambda: draw(*top_k(log_probs, k)),
         lambda: draw(top, tokens),
     )
 
@@ -538,7 +575,13 @@ def log_softmax_grouped(logits: jax.Array, sources: int) -> jax.Array:
     """
     rows, vocab = logits.shape
     grouped = logits.astype(jnp.float32).reshape(sources, rows // sources, vocab)
-    return jax.nn.log_softmax(grouped, axis=-1).reshape(rows, vocab)
+    shifted = grouped - jnp.max(grouped, axis=-1, keepdims=True)
+    # The sum of exponentials as a product with ones: XLA:CPU fuses the exp
+    # into the matmul and takes half the time of its reduction (3.5 -> 2.0 ms
+    # over [32, 4, 37000]); HIGHEST keeps float32 sums on accelerators.
+    ones = jnp.ones((vocab, 1), jnp.float32)
+    total = jnp.matmul(jnp.exp(shifted), ones, precision=jax.lax.Precision.HIGHEST)
+    return (shifted - jnp.log(total)).reshape(rows, vocab)
 
 
 def max_output_lengths(inputs: jax.Array, max_extra: int, length: int) -> jax.Array:
