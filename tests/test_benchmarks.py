@@ -44,3 +44,41 @@ def test_the_matmul_floor_multiplies_every_dense_matmul_of_the_step(size):
     listed = sum(2 * n * k * m for n, k, m in flax_example.dense_matmuls(size))
     model = flax_example._our_config(size)
     assert listed == flops.forward_flops(model, rows, length, length, attention_scores=False)
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_the_search_floor_multiplies_every_weight_matrix_of_the_search(size):
+    """benchmarks.flax_example's beam floor times the shapes `search_matmuls` lists:
+    once per search, each weight matrix of the encoder and the decoder's
+    cross-attention keys and values at the sources' tokens; at every position,
+    each other decoder matrix and the tied output layer at B*W rows."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import flax_example
+    from transformer.model import Transformer
+
+    model = Transformer(flax_example._our_config(size))
+    tokens = jnp.ones((1, 8), jnp.int32)
+    init = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens))
+    params = nn.unbox(init["params"])
+    once = per_position = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(key, "key", "")) for key in path]
+        size_of = leaf.size
+        if names[-1] == "embedding":
+            per_position += size_of
+        elif names[-1] in ("kernel", "wi", "wo"):
+            in_cross_kv = "cross_attention" in names and names[-2] in ("key", "value")
+            if names[0] == "encoder" or in_cross_kv:
+                once += size_of
+            else:
+                per_position += size_of
+    listed_once, listed_position = flax_example.search_matmuls(size)
+    sources = flax_example.SOURCES * flax_example.SOURCE_LENGTH
+    hypotheses = flax_example.SOURCES * flax_example.BEAM
+    assert all(n == sources for n, _, _ in listed_once)
+    assert all(n == hypotheses for n, _, _ in listed_position)
+    assert sum(k * m for _, k, m in listed_once) == once
+    assert sum(k * m for _, k, m in listed_position) == per_position
