@@ -14,10 +14,13 @@ Decoding with a cache (see `MultiHeadAttention.init_cache`):
     beams gathers that table only. The W hypotheses of a sentence attend to
     all W*L entries of its rows, masked to their own history
     (`cached_self_attention`): W times the logits of one position, small
-    beside the projections, and no copy of the cache. The keys are kept
-    transposed, [B, N, K, W*L], the layout in which XLA:CPU multiplies the W
-    queries of a sentence by them fastest (7x at the demo's beam of 8,
-    docs/performance.md);
+    beside the projections, and no copy of the cache. With beams (W > 1) the
+    keys are kept transposed, [B, N, K, W*L], the layout in which XLA:CPU
+    multiplies the W queries of a sentence by them fastest (7x at the demo's
+    beam of 8); with one hypothesis a row (greedy decoding, samples), as the
+    values are, [B, N, L, K]: the product is as fast either way, and a
+    position's keys are then written contiguously instead of one element per
+    memory line (docs/performance.md);
   * cross-attention keys/values are projected once per source sentence and
     kept at the source batch size. Beam search runs W hypotheses per source:
     their queries [B*W, 1, N, K] are regrouped to [B, W, N, K] so that all
@@ -129,21 +132,29 @@ def lineage_mask(lineage: jax.Array, step: jax.Array) -> jax.Array:
     return own.reshape(lineage.shape[0], 1, lineage.shape[1], -1)
 
 
+def keys_transposed(width: int) -> bool:
+    """Whether the self-attention cache of W hypotheses a sentence keeps its
+    keys transposed, [B, N, K, W*L] (beams), or as [B, N, W*L, K] (W = 1)."""
+    return width > 1
+
+
 def cached_self_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, lineage: jax.Array, step: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """One decoding position of self-attention over the cache, read in place.
 
     query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
-    out, key [B, N, K, W*L] and value [B, N, W*L, V] (beam-major: entry j*L + l
-    is position l of beam j's row); lineage [B, W, L].
+    out, key [B, N, K, W*L] (W > 1; [B, N, L, K] for W = 1, see
+    `keys_transposed`) and value [B, N, W*L, V] (beam-major: entry j*L + l is
+    position l of beam j's row); lineage [B, W, L].
     -> output [B*W, 1, N, V], weights [B, N, W, W*L] (both float32).
     """
     sources, width, _ = lineage.shape
     heads = key.shape[1]
     query = query.reshape(sources, width, heads, -1).transpose(0, 2, 1, 3)  # [B, N, W, K]
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
-    logits = matmul("BNTK,BNKS->BNTS", query, key, query.dtype)
+    scores = "BNTK,BNKS->BNTS" if keys_transposed(width) else "BNTK,BNSK->BNTS"
+    logits = matmul(scores, query, key, query.dtype)
     weights = jax.nn.softmax(jnp.where(lineage_mask(lineage, step), logits, _NEG_INF), axis=-1)
     out = matmul("BNTS,BNSV->BNTV", weights, value, value.dtype)  # [B, N, W, V]
     out = out.transpose(0, 2, 1, 3).reshape(sources * width, 1, heads, -1)
@@ -287,8 +298,9 @@ class MultiHeadAttention(nn.Module):
         lineage = self.get_variable("cache", "lineage")  # [B, W, L]
         sources, width, length = lineage.shape
         cached = {}
-        # Keys [B, N, K, W*L] (transposed), values [B, N, W*L, V]: see init_cache.
-        for name, projection, axis in (("key", self.key, 3), ("value", self.value, 2)):
+        # Keys [B, N, K, W*L] (transposed, W > 1), values [B, N, W*L, V]: see init_cache.
+        key_axis = 3 if keys_transposed(width) else 2
+        for name, projection, axis in (("key", self.key, key_axis), ("value", self.value, 2)):
             new = projection(inputs).astype(dtype)  # [B*W, 1, N, K]
             new = new.reshape(sources, width, *new.shape[2:]).transpose(0, 2, 1, 3)  # [B,N,W,K]
             if axis == 3:
@@ -329,8 +341,8 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
         """Creates the decoding cache.
 
-        Self-attention: zero keys [B_src, N, K, W*L] and values
-        [B_src, N, W*L, V] for `batch` = B_src * W hypotheses of `length`
+        Self-attention: zero keys [B_src, N, K, W*L] ([B_src, N, L, K] when W
+        = 1) and values [B_src, N, W*L, V] for `batch` = B_src * W hypotheses of `length`
         steps, and their lineage [B_src, W, L] (only the batch size of
         `encoded` is used). Cross-attention: the source's keys/values,
         projected once from `encoded` [B_src, S, D]; `batch` may be any
@@ -345,9 +357,11 @@ class MultiHeadAttention(nn.Module):
             # a sentence's W*L entries are one matrix per head.
             sources = batch if encoded is None else encoded.shape[0]
             width = batch // sources
-            # The keys transposed, [B_src, N, K, W*L]: the layout the W queries of a
-            # sentence are multiplied by fastest (XLA:CPU: 7x at W = 8, K = 48).
-            key = jnp.zeros((sources, c.num_heads, c.d_k, width * length), dtype)
+            # With beams, the keys transposed, [B_src, N, K, W*L]: the layout the W
+            # queries of a sentence are multiplied by fastest (XLA:CPU: 7x at W = 8,
+            # K = 48). With one hypothesis a row, [B, N, L, K]: see keys_transposed.
+            key_shape = (c.d_k, width * length) if keys_transposed(width) else (length, c.d_k)
+            key = jnp.zeros((sources, c.num_heads, *key_shape), dtype)
             value = jnp.zeros((sources, c.num_heads, width * length, c.d_v), dtype)
             # Each hypothesis starts with its own row at every position.
             own = jnp.arange(width, dtype=jnp.int32)[None, :, None]
