@@ -15,7 +15,7 @@ Decoding with a cache (see `MultiHeadAttention.init_cache`):
     all W*L entries of its rows, masked to their own history
     (`cached_self_attention`): W times the logits of one position, small
     beside the projections, and no copy of the cache. With beams (W > 1) the
-    keys are kept transposed, [B, N, K, W*L], the layout in which XLA:CPU
+    keys are kept transposed, [B, N, K, L*W], the layout in which XLA:CPU
     multiplies the W queries of a sentence by them fastest (7x at the demo's
     beam of 8); with one hypothesis a row (greedy decoding, samples), as the
     values are, [B, N, L, K]: the product is as fast either way, and a
@@ -122,19 +122,20 @@ def lineage_mask(lineage: jax.Array, step: jax.Array) -> jax.Array:
     """Which cached entries each hypothesis of a sentence attends to at `step`.
 
     lineage [B, W, L]: lineage[b, i, l] is the beam j of sentence b whose row
-    holds hypothesis i's key/value of position l. -> [B, 1, W, W*L], against
-    the sentence's entries laid out [W*L] beam-major: at each position up to
-    `step`, the one entry of the hypothesis's own history.
+    holds hypothesis i's key/value of position l. -> [B, 1, W, L*W], against
+    the sentence's entries laid out [L*W] position-major (entry l*W + j is
+    position l of beam j's row): at each position up to `step`, the one entry
+    of the hypothesis's own history.
     """
     beams = jnp.arange(lineage.shape[1])
-    own = lineage[:, :, None, :] == beams[None, None, :, None]  # [B, W(i), W(j), L]
-    own = own & (jnp.arange(lineage.shape[2]) <= step)
+    own = lineage[:, :, :, None] == beams  # [B, W(i), L, W(j)]
+    own = own & (jnp.arange(lineage.shape[2]) <= step)[:, None]
     return own.reshape(lineage.shape[0], 1, lineage.shape[1], -1)
 
 
 def keys_transposed(width: int) -> bool:
     """Whether the self-attention cache of W hypotheses a sentence keeps its
-    keys transposed, [B, N, K, W*L] (beams), or as [B, N, W*L, K] (W = 1)."""
+    keys transposed, [B, N, K, L*W] (beams), or as [B, N, L*W, K] (W = 1)."""
     return width > 1
 
 
@@ -144,10 +145,10 @@ def cached_self_attention(
     """One decoding position of self-attention over the cache, read in place.
 
     query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
-    out, key [B, N, K, W*L] (W > 1; [B, N, L, K] for W = 1, see
-    `keys_transposed`) and value [B, N, W*L, V] (beam-major: entry j*L + l is
-    position l of beam j's row); lineage [B, W, L].
-    -> output [B*W, 1, N, V], weights [B, N, W, W*L] (both float32).
+    out, key [B, N, K, L*W] (W > 1; [B, N, L, K] for W = 1, see
+    `keys_transposed`) and value [B, N, L*W, V] (position-major: entry l*W + j
+    is position l of beam j's row); lineage [B, W, L].
+    -> output [B*W, 1, N, V], weights [B, N, W, L*W] (both float32).
     """
     sources, width, _ = lineage.shape
     heads = key.shape[1]
@@ -298,7 +299,7 @@ class MultiHeadAttention(nn.Module):
         lineage = self.get_variable("cache", "lineage")  # [B, W, L]
         sources, width, length = lineage.shape
         cached = {}
-        # Keys [B, N, K, W*L] (transposed, W > 1), values [B, N, W*L, V]: see init_cache.
+        # Keys [B, N, K, L*W] (transposed, W > 1), values [B, N, L*W, V]: see init_cache.
         key_axis = 3 if keys_transposed(width) else 2
         for name, projection, axis in (("key", self.key, key_axis), ("value", self.value, 2)):
             new = projection(inputs).astype(dtype)  # [B*W, 1, N, K]
@@ -307,10 +308,11 @@ class MultiHeadAttention(nn.Module):
                 new = new.transpose(0, 1, 3, 2)  # [B, N, K, W]
             entries = self.get_variable("cache", name)
             shape = entries.shape
-            # W*L viewed as [W, L] (a free reshape): one in-place write of all W beams.
-            entries = entries.reshape(*shape[:axis], width, length, *shape[axis + 1 :])
-            new = jnp.expand_dims(new, axis + 1)
-            entries = jax.lax.dynamic_update_slice_in_dim(entries, new, decode_step, axis=axis + 1)
+            # L*W viewed as [L, W] (a free reshape): one in-place write of all W
+            # beams, side by side in memory.
+            entries = entries.reshape(*shape[:axis], length, width, *shape[axis + 1 :])
+            new = jnp.expand_dims(new, axis)
+            entries = jax.lax.dynamic_update_slice_in_dim(entries, new, decode_step, axis=axis)
             cached[name] = entries.reshape(shape)
         own = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[:, None], (sources, width, 1))
         cached["lineage"] = jax.lax.dynamic_update_slice_in_dim(lineage, own, decode_step, axis=2)
@@ -341,8 +343,8 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch: int, length: int, encoded: jax.Array | None = None) -> None:
         """Creates the decoding cache.
 
-        Self-attention: zero keys [B_src, N, K, W*L] ([B_src, N, L, K] when W
-        = 1) and values [B_src, N, W*L, V] for `batch` = B_src * W hypotheses of `length`
+        Self-attention: zero keys [B_src, N, K, L*W] ([B_src, N, L, K] when W
+        = 1) and values [B_src, N, L*W, V] for `batch` = B_src * W hypotheses of `length`
         steps, and their lineage [B_src, W, L] (only the batch size of
         `encoded` is used). Cross-attention: the source's keys/values,
         projected once from `encoded` [B_src, S, D]; `batch` may be any
@@ -354,10 +356,10 @@ class MultiHeadAttention(nn.Module):
         dtype = jnp.dtype(c.dtype)
         if self.is_self_attention:
             # Hypotheses are source-major, W per sentence. Heads-major, so that
-            # a sentence's W*L entries are one matrix per head.
+            # a sentence's L*W entries are one matrix per head.
             sources = batch if encoded is None else encoded.shape[0]
             width = batch // sources
-            # With beams, the keys transposed, [B_src, N, K, W*L]: the layout the W
+            # With beams, the keys transposed, [B_src, N, K, L*W]: the layout the W
             # queries of a sentence are multiplied by fastest (XLA:CPU: 7x at W = 8,
             # K = 48). With one hypothesis a row, [B, N, L, K]: see keys_transposed.
             key_shape = (c.d_k, width * length) if keys_transposed(width) else (length, c.d_k)
