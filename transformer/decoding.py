@@ -544,14 +544,11 @@ def model_step(
 
     Encodes the source once and prepares what the decoder reads of it once per
     sentence in the cache; step_fn runs one decoder position and returns
-    float32 log-probs. repeat > 1: each source stands for `repeat` consecutive
-    sentences (samples), encoded once and then repeated, and step_fn is that of
-    the repeated sources.
+    float32 log-probs. repeat > 1: the rows of `inputs` come in runs of
+    `repeat` copies of one source (samples), and each source is encoded once.
     """
-    encoded = model.apply({"params": params}, inputs, method="encode")
-    if repeat > 1:
-        inputs = jnp.repeat(inputs, repeat, axis=0)
-        encoded = jnp.repeat(encoded, repeat, axis=0)
+    encoded = model.apply({"params": params}, inputs[::repeat], method="encode")
+    encoded = jnp.repeat(encoded, repeat, axis=0)
     _, variables = model.apply(
         {"params": params}, encoded, hypotheses, length,
         method="init_cache", mutable=["cache"],
@@ -649,10 +646,10 @@ def decode_samples(
     batch, num_samples = inputs.shape[0], settings.mbr_samples
     keys = jax.vmap(lambda k: jax.random.split(k, num_samples))(source_keys(key, inputs))
     length = sample_length(model.config, inputs.shape[1], settings.max_extra)
+    inputs = jnp.repeat(inputs, num_samples, axis=0)
     step_fn, cache = model_step(
         model, params, inputs, batch * num_samples, length, repeat=num_samples
     )
-    inputs = jnp.repeat(inputs, num_samples, axis=0)
     max_lengths = max_output_lengths(inputs, settings.max_extra, length)
     tokens = sample_search(
         step_fn, cache, max_lengths, keys.reshape(-1), length=length,
