@@ -103,3 +103,30 @@ def test_softmax_runs_in_float32_for_bfloat16_inputs():
     rng = np.random.default_rng(1)
     q, k = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.bfloat16) for _ in range(2))
     assert attention.dot_product_attention_weights(q, k, None).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_cached_attention_over_a_prefix_equals_the_whole_cache(width):
+    """A search reads only the shortest prefix of the cache holding the step:
+    the same output as reading it all, and entries past that prefix are not
+    read at all (NaN there reaches the whole-cache output through 0 * NaN)."""
+    sources, heads, size, length, parts = 2, 2, 4, 11, 3
+    keys = jax.random.split(jax.random.key(0), 4)
+    query = jax.random.normal(keys[0], (sources * width, 1, heads, size))
+    key_shape = (size, length * width) if attention.keys_transposed(width) else (length, size)
+    key = jax.random.normal(keys[1], (sources, heads, *key_shape))
+    value = jax.random.normal(keys[2], (sources, heads, length * width, size))
+    lineage = jax.random.randint(keys[3], (sources, width, length), 0, width)
+    # prefixes of ceil(11/3) = 4, ceil(22/3) = 8 and 11 positions
+    value = value.at[:, :, 8 * width :].set(jnp.nan)
+    attend = jax.jit(attention.cached_self_attention, static_argnums=5)
+    for step in range(8):
+        whole, weights = attend(query, key, value, lineage, jnp.int32(step), 1)
+        prefix, none = attend(query, key, value, lineage, jnp.int32(step), parts)
+        assert none is None and weights.shape == (sources, heads, width, length * width)
+        assert bool(jnp.isnan(whole).all()) and bool(jnp.isfinite(prefix).all())
+    clean = jnp.nan_to_num(value, nan=0.5)
+    for step in range(length):
+        whole, _ = attend(query, key, clean, lineage, jnp.int32(step), 1)
+        prefix, _ = attend(query, key, clean, lineage, jnp.int32(step), parts)
+        np.testing.assert_allclose(prefix, whole, rtol=1e-5, atol=1e-6)

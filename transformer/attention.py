@@ -12,9 +12,11 @@ Decoding with a cache (see `MultiHeadAttention.init_cache`):
     Beam search never moves them: a lineage table says in which beam's row
     each hypothesis finds its entry of each position, and a reordering of the
     beams gathers that table only. The W hypotheses of a sentence attend to
-    all W*L entries of its rows, masked to their own history
+    the W*L entries of its rows, masked to their own history
     (`cached_self_attention`): W times the logits of one position, small
-    beside the projections, and no copy of the cache. With beams (W > 1) the
+    beside the projections, and no copy of the cache. A beam search reads
+    only the prefix of the cache that holds the current position, one of a
+    few lengths chosen by `lax.switch` (`prefix_parts`). With beams (W > 1) the
     keys are kept transposed, [B, N, K, L*W], the layout in which XLA:CPU
     multiplies the W queries of a sentence by them fastest (7x at the demo's
     beam of 8); with one hypothesis a row (greedy decoding, samples), as the
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 from transformer.config import ModelConfig
 from transformer.matmul import matmul
 
+PARTS = 10  # prefix lengths a beam search's self-attention chooses from (prefix_parts)
 _NEG_INF = -1e10  # large and finite: a fully masked row gives uniform weights, not NaN
 
 
@@ -139,9 +142,23 @@ def keys_transposed(width: int) -> bool:
     return width > 1
 
 
+def prefix_parts(width: int, length: int) -> int:
+    """Into how many prefix lengths `cached_self_attention` cuts the cache of
+    W hypotheses a sentence over `length` positions: one per 4 positions, at
+    most PARTS (each is compiled). With one hypothesis a row (greedy decoding,
+    samples) the whole cache is read: there the switch cost more than it saved
+    (docs/performance.md)."""
+    return 1 if width == 1 else max(1, min(PARTS, length // 4))
+
+
 def cached_self_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, lineage: jax.Array, step: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    lineage: jax.Array,
+    step: jax.Array,
+    parts: int = 1,
+) -> tuple[jax.Array, jax.Array | None]:
     """One decoding position of self-attention over the cache, read in place.
 
     query [B*W, 1, N, K]; the cache as `MultiHeadAttention.init_cache` lays it
@@ -149,17 +166,35 @@ def cached_self_attention(
     `keys_transposed`) and value [B, N, L*W, V] (position-major: entry l*W + j
     is position l of beam j's row); lineage [B, W, L].
     -> output [B*W, 1, N, V], weights [B, N, W, L*W] (both float32).
+
+    With `parts` > 1 only a prefix of the cache is read: the shortest of
+    `parts` lengths (L/parts, 2L/parts, ..., L, rounded up) that holds `step`,
+    chosen by `lax.switch`. The positions past `step` are masked anyway, and
+    reading the whole cache at every position is what a long search spends
+    most on besides its matmuls: the weights are then not returned (None).
     """
-    sources, width, _ = lineage.shape
+    sources, width, length = lineage.shape
     heads = key.shape[1]
     query = query.reshape(sources, width, heads, -1).transpose(0, 2, 1, 3)  # [B, N, W, K]
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
-    scores = "BNTK,BNKS->BNTS" if keys_transposed(width) else "BNTK,BNSK->BNTS"
-    logits = matmul(scores, query, key, query.dtype)
-    weights = jax.nn.softmax(jnp.where(lineage_mask(lineage, step), logits, _NEG_INF), axis=-1)
-    out = matmul("BNTS,BNSV->BNTV", weights, value, value.dtype)  # [B, N, W, V]
-    out = out.transpose(0, 2, 1, 3).reshape(sources * width, 1, heads, -1)
-    return out, weights
+    transposed = keys_transposed(width)
+    scores = "BNTK,BNKS->BNTS" if transposed else "BNTK,BNSK->BNTS"
+
+    def attend(positions: int) -> tuple[jax.Array, jax.Array]:
+        entries = positions * width
+        keys = key[..., :entries] if transposed else key[:, :, :entries]
+        logits = matmul(scores, query, keys, query.dtype)
+        mask = lineage_mask(lineage[:, :, :positions], step)
+        weights = jax.nn.softmax(jnp.where(mask, logits, _NEG_INF), axis=-1)
+        out = matmul("BNTS,BNSV->BNTV", weights, value[:, :, :entries], value.dtype)
+        return out.transpose(0, 2, 1, 3).reshape(sources * width, 1, heads, -1), weights
+
+    if parts <= 1:
+        return attend(length)
+    lengths = sorted({-(-length * part // parts) for part in range(1, parts + 1)})
+    index = jnp.searchsorted(jnp.asarray(lengths), step, side="right")  # first length > step
+    branches = [functools.partial(lambda n: attend(n)[0], n) for n in lengths]
+    return jax.lax.switch(index, branches), None
 
 
 def fused_attention(
@@ -276,8 +311,13 @@ class MultiHeadAttention(nn.Module):
         if self.is_self_attention and decode_step is not None:
             # Decoding passes no self-attention mask: the lineage is the mask.
             key, value, lineage = self._write_cache(inputs_q, decode_step)
-            out, weights = cached_self_attention(query, key, value, lineage, decode_step)
-            self.sow("intermediates", "attention_weights", weights)
+            # Attention maps need the weights over the whole cache; a search reads
+            # only the prefix that holds `decode_step`.
+            maps = self.is_mutable_collection("intermediates")
+            parts = 1 if maps else prefix_parts(*lineage.shape[1:])
+            out, weights = cached_self_attention(query, key, value, lineage, decode_step, parts)
+            if maps:
+                self.sow("intermediates", "attention_weights", weights)
             return self.out(out)
         if self.is_self_attention:
             key = self.key(inputs_q).astype(dtype)
