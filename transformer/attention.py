@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from transformer.config import ModelConfig
 from transformer.matmul import matmul
 
-PARTS = 10  # prefix lengths a beam search's self-attention chooses from (prefix_parts)
+PARTS = 4  # prefix lengths a beam search's self-attention chooses from (prefix_parts)
 _NEG_INF = -1e10  # large and finite: a fully masked row gives uniform weights, not NaN
 
 
