@@ -9,6 +9,7 @@ tcmalloc.use_tcmalloc()  # before jax is imported: see experiments/tcmalloc.py
 import jax.numpy as jnp  # noqa: E402
 
 from experiments.cli import UserError  # noqa: E402
+from transformer import decoding  # noqa: E402
 from transformer.config import EOS_ID  # noqa: E402
 
 
@@ -34,8 +35,10 @@ def eos_only_at_the_end(step_fn, steps: int):
     """step_fn with EOS impossible before position steps - 1: a fixed amount of work."""
 
     def wrapped(cache, tokens, step):
-        log_probs, cache = step_fn(cache, tokens, step)
-        blocked = (jnp.arange(log_probs.shape[-1]) == EOS_ID) & (step + 1 < steps)
-        return jnp.where(blocked, -1e9, log_probs), cache
+        out, cache = step_fn(cache, tokens, step)
+        scores = out.logits if isinstance(out, decoding.Logits) else out
+        blocked = (jnp.arange(scores.shape[-1]) == EOS_ID) & (step + 1 < steps)
+        scores = jnp.where(blocked, -1e9, scores)
+        return (out._replace(logits=scores) if isinstance(out, decoding.Logits) else scores), cache
 
     return wrapped

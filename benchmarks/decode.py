@@ -90,7 +90,9 @@ def search(model, params, inputs, beam: int, steps: int, naive: bool):
     if naive:
         step_fn, cache, reorder = naive_step(model, params, inputs, hypotheses, steps)
     else:
-        step_fn, cache = decoding.model_step(model, params, inputs, hypotheses, steps)
+        step_fn, cache = decoding.model_step(
+            model, params, inputs, hypotheses, steps, normalized=beam == 1
+        )
         reorder = decoding.reorder_cache
     step_fn = eos_only_at_the_end(step_fn, steps)
     max_lengths = jnp.full((inputs.shape[0],), steps)

@@ -203,7 +203,9 @@ def our_beam(size: str) -> tuple[float, float]:
     inputs = _sources(model.config.vocab_size)
 
     def search(params, inputs):
-        step_fn, cache = decoding.model_step(model, params, inputs, SOURCES * BEAM, OUTPUT_STEPS)
+        step_fn, cache = decoding.model_step(
+            model, params, inputs, SOURCES * BEAM, OUTPUT_STEPS, normalized=False
+        )
         step_fn = eos_only_at_the_end(step_fn, OUTPUT_STEPS)
         max_lengths = jnp.full((SOURCES,), OUTPUT_STEPS)
         tokens, _, _ = decoding.beam_search(

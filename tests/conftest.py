@@ -49,9 +49,9 @@ def step_sources(monkeypatch) -> list[int]:
 
     made, sizes = decoding.step_function, []
 
-    def recording(model, params, inputs):
+    def recording(model, params, inputs, **options):
         sizes.append(inputs.shape[0])
-        return made(model, params, inputs)
+        return made(model, params, inputs, **options)
 
     monkeypatch.setattr(decoding, "step_function", recording)
     return sizes

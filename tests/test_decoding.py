@@ -574,6 +574,24 @@ def test_best_extensions_equal_one_top_k_over_all_candidates():
     np.testing.assert_array_equal(token, flat % 3)
 
 
+@pytest.mark.parametrize("vocab", [40, 8000])
+def test_best_extensions_of_logits_equal_those_of_their_log_probs(vocab):
+    """Beam search takes its top-k from the logits and normalises the k it keeps:
+    the same scores, bit for bit, and the same beams and tokens."""
+    b, w, k = 5, 4, 8
+    logits = jax.random.normal(jax.random.key(1), (b * w, vocab)) * 4
+    alive = jax.random.normal(jax.random.key(2), (b, w))
+    log_probs = decoding.log_softmax_grouped(logits, b).reshape(b, w, vocab)
+    rows = decoding.unnormalized_grouped(logits, b)
+    want = decoding.best_extensions(alive, log_probs, k)
+    got = decoding.best_extensions(alive, rows.logits.reshape(b, w, vocab), k, rows)
+    for g, x in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, x)
+    # Not a top-k of the logits plus the beams' scores: normalising matters.
+    unnormalised = decoding.best_extensions(alive, rows.logits.reshape(b, w, vocab), k)
+    assert not np.array_equal(unnormalised[0], want[0])
+
+
 def _sampling(samples: int, epsilon: float) -> DecodeConfig:
     return DecodeConfig(mbr=2, mbr_samples=samples, mbr_epsilon=epsilon)
 
