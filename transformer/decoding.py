@@ -2,10 +2,12 @@
 
 The search itself (`beam_search`, `greedy_search`) knows nothing about the
 model: it calls `step_fn(cache, tokens [B*W, 1], step) -> (log_probs [B*W, V],
-cache)` once per output position and `reorder_fn(cache, index [B*W])` when
-beams change places. That keeps it testable with a scoring function written by
-hand, and `translate` plugs the model into it (the Transformer, or the LSTM
-baseline of transformer/rnn.py: both have `encode`, `init_cache`, `decode_step`).
+cache)` once per output position (beam search also takes `Logits` in place of
+log_probs: the logits with what normalises them, applied to the k it keeps)
+and `reorder_fn(cache, index [B*W])` when beams change places. That keeps it
+testable with a scoring function written by hand, and `translate` plugs the
+model into it (the Transformer, or the LSTM baseline of transformer/rnn.py:
+both have `encode`, `init_cache`, `decode_step`).
 
 What the paper's decoder needs, and how it is done here:
 
