@@ -23,8 +23,9 @@ on this host.
 
 Beam search (--what=beam): the base model, float32, random parameters, 32
 sources of 25 tokens, beam 4, alpha 0.6, exactly 40 output positions on both
-sides (EOS made impossible, so neither stops early): ours through
-transformer/decoding.py, the example's through its decode.beam_search driven
+sides: ours through transformer/decoding.py with early_stop=False (every
+sentence searches to its max length), the example's (no EOS id, so nothing
+ends) through its decode.beam_search driven
 as its train.py's predict_step drives it (the source encoded once, the
 decoder re-projecting the encoder output every step).
 """
@@ -46,7 +47,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from benchmarks import eos_only_at_the_end, peak_rss_gib
+from benchmarks import peak_rss_gib
 from experiments import cli
 from transformer import config, decoding, sharding, train
 from transformer.config import EOS_ID
@@ -206,11 +207,10 @@ def our_beam(size: str) -> tuple[float, float]:
         step_fn, cache = decoding.model_step(
             model, params, inputs, SOURCES * BEAM, OUTPUT_STEPS, normalized=False
         )
-        step_fn = eos_only_at_the_end(step_fn, OUTPUT_STEPS)
         max_lengths = jnp.full((SOURCES,), OUTPUT_STEPS)
         tokens, _, _ = decoding.beam_search(
             step_fn, decoding.reorder_cache, cache, max_lengths,
-            length=OUTPUT_STEPS, beam_size=BEAM, alpha=0.6,
+            length=OUTPUT_STEPS, beam_size=BEAM, alpha=0.6, early_stop=False,
         )  # fmt: skip
         return tokens[:, 0]
 

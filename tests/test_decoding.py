@@ -582,14 +582,42 @@ def test_best_extensions_of_logits_equal_those_of_their_log_probs(vocab):
     logits = jax.random.normal(jax.random.key(1), (b * w, vocab)) * 4
     alive = jax.random.normal(jax.random.key(2), (b, w))
     log_probs = decoding.log_softmax_grouped(logits, b).reshape(b, w, vocab)
-    rows = decoding.unnormalized_grouped(logits, b)
     want = decoding.best_extensions(alive, log_probs, k)
-    got = decoding.best_extensions(alive, rows.logits.reshape(b, w, vocab), k, rows)
+    got = decoding.best_extensions(alive, logits.reshape(b, w, vocab), k, normalized=False)
     for g, x in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, x)
     # Not a top-k of the logits plus the beams' scores: normalising matters.
-    unnormalised = decoding.best_extensions(alive, rows.logits.reshape(b, w, vocab), k)
+    unnormalised = decoding.best_extensions(alive, logits.reshape(b, w, vocab), k)
     assert not np.array_equal(unnormalised[0], want[0])
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("vocab", [40, 8000])
+def test_only_eos_extensions_equal_a_top_k_with_every_other_token_impossible(vocab, normalized):
+    """At a sentence's last position its candidates are its beams' EOS extensions:
+    bit for bit those of a top-k over rows masked to EOS alone, wherever they
+    are possible (the search keeps nothing else of a sentence that ends)."""
+    b, w, k = 6, 4, 8
+    logits = jax.random.normal(jax.random.key(3), (b, w, vocab)) * 4
+    logits = logits.at[4].set(logits[4, 0]).reshape(b * w, vocab)  # sentence 4: ties
+    log_probs = decoding.log_softmax_grouped(logits, b).reshape(b, w, vocab)
+    alive = jax.random.normal(jax.random.key(4), (b, w))
+    alive = alive.at[1, 2:].set(decoding.NEG_INF).at[3, 1:].set(decoding.NEG_INF)  # dead beams
+    alive = alive.at[4].set(alive[4, 0])  # with sentence 4's rows equal: the lower beam first
+    last = jnp.asarray([True, True, False, True, True, False])
+    rows = log_probs if normalized else logits.reshape(b, w, vocab)
+    got = decoding.best_extensions(alive, rows, k, normalized=normalized, only_eos=last)
+    masked = decoding._only_eos_at_last(log_probs, last)
+    want = decoding.best_extensions(alive, masked, k)
+    possible = np.asarray(want[0]) > decoding.NEG_INF / 2
+    assert possible.sum() == 4 * w - 2 - 3 + 2 * k  # every live beam's EOS; all of the others
+    for g, x in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g)[possible], np.asarray(x)[possible])
+    assert (np.asarray(got[0])[~possible] <= decoding.NEG_INF / 2).all()
+    np.testing.assert_array_equal(np.asarray(got[2])[np.asarray(last)][:, :w] == EOS_ID, True)
+    # Without only_eos the last sentences' best tokens are not all EOS.
+    free = decoding.best_extensions(alive, rows, k, normalized=normalized)
+    assert not (np.asarray(free[2])[np.asarray(last)][:, :w] == EOS_ID).all()
 
 
 def _sampling(samples: int, epsilon: float) -> DecodeConfig:

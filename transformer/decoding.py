@@ -3,7 +3,7 @@
 The search itself (`beam_search`, `greedy_search`) knows nothing about the
 model: it calls `step_fn(cache, tokens [B*W, 1], step) -> (log_probs [B*W, V],
 cache)` once per output position (beam search also takes `Logits` in place of
-log_probs: the logits with what normalises them, applied to the k it keeps)
+log_probs: the logits, of which it normalises only the k it keeps)
 and `reorder_fn(cache, index [B*W])` when beams change places. That keeps it
 testable with a scoring function written by hand, and `translate` plugs the
 model into it (the Transformer, or the LSTM baseline of transformer/rnn.py:
@@ -111,7 +111,7 @@ def _block_repeated_ngrams(log_probs: jax.Array, sequences: jax.Array, step: jax
     return jnp.where(banned, NEG_INF, log_probs)
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, maxima: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """jax.lax.top_k over the last axis, the same values and indices (ties to
     the lower index), several times faster over a large vocabulary on XLA:CPU.
 
@@ -123,7 +123,8 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     taken in index order, are the top k of the row: [128, 37000] with k = 8
     goes from a top-k over 37,000 entries to one over 500 chunk maxima (C = 74)
     and one over 592 entries, 5x faster (docs/performance.md). Rows with no
-    divisor of their size near 64 take jax.lax.top_k as is.
+    divisor of their size near 64 take jax.lax.top_k as is. `maxima`: the
+    chunks' maxima (`chunk_maxima`), where the caller has them already.
     """
     size = x.shape[-1]
     chunk = _chunk_size(size, k)
@@ -131,12 +132,23 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         return jax.lax.top_k(x, k)
     lead = x.shape[:-1]
     chunks = x.reshape(*lead, size // chunk, chunk)
-    _, best = jax.lax.top_k(jnp.max(chunks, axis=-1), k)
+    if maxima is None:
+        maxima = jnp.max(chunks, axis=-1)
+    _, best = jax.lax.top_k(maxima, k)
     best = jnp.sort(best, axis=-1)  # index order, so that ties still go to the lower index
     candidates = jnp.take_along_axis(chunks, best[..., None], axis=-2).reshape(*lead, k * chunk)
     values, place = jax.lax.top_k(candidates, k)
     index = jnp.take_along_axis(best, place // chunk, axis=-1) * chunk + place % chunk
     return values, index
+
+
+def chunk_maxima(x: jax.Array, k: int) -> jax.Array | None:
+    """The maxima of the chunks `top_k(x, k)` cuts x's rows into; None where it does not."""
+    size = x.shape[-1]
+    chunk = _chunk_size(size, k)
+    if chunk is None:
+        return None
+    return jnp.max(x.reshape(*x.shape[:-1], size // chunk, chunk), axis=-1)
 
 
 def _chunk_size(size: int, k: int) -> int | None:
@@ -149,7 +161,12 @@ def _chunk_size(size: int, k: int) -> int | None:
 
 
 def best_extensions(
-    alive_logp: jax.Array, log_probs: jax.Array, k: int, rows: Logits | None = None
+    alive_logp: jax.Array,
+    log_probs: jax.Array,
+    k: int,
+    *,
+    normalized: bool = True,
+    only_eos: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The k best one-token extensions of W hypotheses per sentence.
 
@@ -157,19 +174,48 @@ def best_extensions(
     token [B, k]), best first: the top k of alive_logp + log_probs over W x V.
     They are all among each beam's own best k, so two small top-ks (over V per
     beam, then over W x k) replace one over W x V, in the same order (ties go
-    to the lower beam, then the lower token), and cost less. With `rows`, the
-    Logits that log_probs holds unnormalised: only the k best of each beam are
-    normalised (the order within a row is the same).
+    to the lower beam, then the lower token), and cost less.
+
+    normalized=False: log_probs holds logits, and only each beam's k best are
+    normalised, as `log_softmax_grouped` would have (the order within a row is
+    the same). The row's maximum is taken from the top-k's chunk maxima, so the
+    [B, W, V] rows are read twice (maxima, sum of exponentials), not three times.
+
+    only_eos [B]: sentences at their last position, where only EOS may follow.
+    Their candidates are their beams' EOS extensions, best first, then NEG_INF:
+    those of a top-k with every other token at NEG_INF (`_only_eos_at_last`),
+    without another pass over the rows.
     """
     batch, width, vocab = log_probs.shape
     per_beam = min(k, vocab)
-    beam_best, beam_tokens = top_k(log_probs, per_beam)  # [B, W, k]
-    beam_best = normalize(beam_best.reshape(batch * width, per_beam), rows)
-    beam_best = beam_best.reshape(batch, width, per_beam)
-    candidates = (alive_logp[:, :, None] + beam_best).reshape(batch, -1)
+    maxima = chunk_maxima(log_probs, per_beam)
+    if normalized:
+        normalize = lambda values: values  # noqa: E731
+    else:
+        # The barrier keeps XLA from merging the two maxima into one over the rows.
+        over = log_probs if maxima is None else jax.lax.optimization_barrier(maxima)
+        peak = jnp.max(over, axis=-1, keepdims=True)
+        log_total = jnp.log(_sum_exp(log_probs - peak))
+        normalize = lambda values: (values - peak) - log_total  # noqa: E731
+    beam_best, beam_tokens = top_k(log_probs, per_beam, maxima)  # [B, W, k]
+    candidates = (alive_logp[:, :, None] + normalize(beam_best)).reshape(batch, -1)
     scores, flat = jax.lax.top_k(candidates, k)  # [B, k]
     token = jnp.take_along_axis(beam_tokens.reshape(batch, -1), flat, axis=1)
-    return scores, flat // per_beam, token
+    beam = flat // per_beam
+    if only_eos is None:
+        return scores, beam, token
+    ending = alive_logp + normalize(log_probs[:, :, EOS_ID : EOS_ID + 1])[..., 0]  # [B, W]
+    ending, ending_beam = jax.lax.top_k(ending, min(k, width))
+    fill = k - ending.shape[1]
+    ending = jnp.pad(ending, ((0, 0), (0, fill)), constant_values=2 * NEG_INF)
+    ending_beam = jnp.pad(ending_beam, ((0, 0), (0, fill)))
+    ending_token = jnp.where(jnp.arange(k) < width, EOS_ID, PAD_ID)
+    last = only_eos[:, None]
+    return (
+        jnp.where(last, ending, scores),
+        jnp.where(last, ending_beam, beam),
+        jnp.where(last, ending_token, token),
+    )
 
 
 def beam_search(
@@ -239,14 +285,16 @@ def _beam_steps(
         step, cache = state["step"], state["cache"]
         tokens = _previous_tokens(state["alive"], step).reshape(batch * width, 1)
         out, cache = step_fn(cache, tokens, step)
-        rows = out if isinstance(out, Logits) else None  # normalised after the top-k
-        log_probs = out.logits if rows is not None else out
+        normalized = not isinstance(out, Logits)  # else normalised after the top-k
+        log_probs = out if normalized else out.logits
         log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
-        log_probs = _only_eos_at_last(log_probs, step + 1 >= max_lengths)
         if no_repeat_ngram:
             log_probs = _block_repeated_ngrams(log_probs, state["alive"], step, no_repeat_ngram)
         # 2W candidates: even if W of them end in EOS, W remain to continue.
-        scores, origin, token = best_extensions(state["alive_logp"], log_probs, 2 * width, rows)
+        scores, origin, token = best_extensions(
+            state["alive_logp"], log_probs, 2 * width, normalized=normalized,
+            only_eos=step + 1 >= max_lengths,
+        )  # fmt: skip
         sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
         sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, step, axis=2)
 
@@ -583,39 +631,20 @@ def step_function(
             {"params": params, "cache": cache}, inputs, tokens, step,
             method="decode_step", mutable=["cache"],
         )  # fmt: skip
-        grouped = log_softmax_grouped if normalized else unnormalized_grouped
-        return grouped(logits[:, 0], inputs.shape[0]), variables["cache"]
+        logits = logits[:, 0].astype(jnp.float32)
+        out = log_softmax_grouped(logits, inputs.shape[0]) if normalized else Logits(logits)
+        return out, variables["cache"]
 
     return step_fn
 
 
 class Logits(NamedTuple):
-    """A step's log-probabilities before their normalisation: each is
-    (logits - max) - log_total, per row (`normalize`)."""
+    """A step's logits [B*W, V], float32, in place of its log-probabilities:
+    beam search normalises only the k it keeps of each row (`best_extensions`).
+    Over [128, 37000], a top-k of the normalised rows cost 14-15 ms on XLA:CPU,
+    of the logits with the k values normalised after 4.3 ms (docs/performance.md)."""
 
-    logits: jax.Array  # [B*W, V] float32
-    max: jax.Array  # [B*W, 1]
-    log_total: jax.Array  # [B*W, 1]: log sum exp(logits - max)
-
-
-def normalize(values: jax.Array, rows: Logits | None) -> jax.Array:
-    """values [B*W, ...] taken from `rows.logits` -> their log-probabilities,
-    computed as `log_softmax_grouped` computes them (no-op for rows None)."""
-    if rows is None:
-        return values
-    return (values - rows.max) - rows.log_total
-
-
-def unnormalized_grouped(logits: jax.Array, sources: int) -> Logits:
-    """logits [B*W, V] -> `Logits`: a beam search takes its top-k from the logits
-    and normalises only the k it keeps. Over [128, 37000], a top-k of the
-    normalised rows cost 14-15 ms on XLA:CPU, of the logits with the k values
-    normalised after 4.3 ms (docs/performance.md)."""
-    rows, vocab = logits.shape
-    grouped = logits.astype(jnp.float32).reshape(sources, rows // sources, vocab)
-    peak = jnp.max(grouped, axis=-1, keepdims=True)
-    log_total = jnp.log(_sum_exp(grouped - peak))
-    return Logits(grouped.reshape(rows, vocab), peak.reshape(rows, 1), log_total.reshape(rows, 1))
+    logits: jax.Array
 
 
 def _sum_exp(shifted: jax.Array) -> jax.Array:
