@@ -79,19 +79,27 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 
 def dot_product_attention_weights(
-    query: jax.Array, key: jax.Array, mask: jax.Array | None, *, heads_major: bool = False
+    query: jax.Array,
+    key: jax.Array,
+    mask: jax.Array | None,
+    *,
+    heads_major: bool = False,
+    transposed_keys: bool = False,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)), in float32 whatever the input dtype.
 
-    query [B, T, N, K], key [B, S, N, K] ([B, N, S, K] if heads_major),
-    mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
+    query [B, T, N, K], key [B, S, N, K] ([B, N, S, K] if heads_major,
+    [B, N, K, S] if transposed_keys), mask [B|1, 1|N, T|1, S] -> [B, N, T, S].
     """
     query = query * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), query.dtype)
     # Heads-major operands make both this matmul and its gradients plain batched
     # matmuls, which every backend runs in the compute dtype.
     query = query.transpose(0, 2, 1, 3)  # [B, N, T, K]
-    key = key if heads_major else key.transpose(0, 2, 1, 3)  # [B, N, S, K]
-    logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
+    if transposed_keys:
+        logits = matmul("BNTK,BNKS->BNTS", query, key, query.dtype)
+    else:
+        key = key if heads_major else key.transpose(0, 2, 1, 3)  # [B, N, S, K]
+        logits = matmul("BNTK,BNSK->BNTS", query, key, query.dtype)
     if mask is not None:
         logits = jnp.where(mask, logits, _NEG_INF)
     return jax.nn.softmax(logits, axis=-1)
@@ -106,15 +114,19 @@ def dot_product_attention(
     dropout: nn.Module | None = None,
     deterministic: bool = True,
     heads_major: bool = False,
+    transposed_keys: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, returning the weights too.
 
     query [B, T, N, K], key [B, S, N, K], value [B, S, N, V] (with heads_major:
-    key [B, N, S, K], value [B, N, S, V], as the decoding cache holds them)
+    key [B, N, S, K], value [B, N, S, V], as the decoding cache holds them;
+    transposed_keys: key [B, N, K, S], as it holds them for beams)
     -> output [B, T, N, V] (float32), weights [B, N, T, S] (float32).
     `dropout`, if given, is applied to the weights (attention dropout).
     """
-    weights = dot_product_attention_weights(query, key, mask, heads_major=heads_major)
+    weights = dot_product_attention_weights(
+        query, key, mask, heads_major=heads_major, transposed_keys=transposed_keys
+    )
     dropped = weights if dropout is None else dropout(weights, deterministic=deterministic)
     value = value if heads_major else value.transpose(0, 2, 1, 3)  # [B, N, S, V]
     out = matmul("BNTS,BNSV->BNTV", dropped, value, value.dtype)
@@ -137,8 +149,11 @@ def lineage_mask(lineage: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def keys_transposed(width: int) -> bool:
-    """Whether the self-attention cache of W hypotheses a sentence keeps its
-    keys transposed, [B, N, K, L*W] (beams), or as [B, N, L*W, K] (W = 1)."""
+    """Whether the decoding cache of W hypotheses a sentence keeps its keys
+    transposed: self-attention [B, N, K, L*W] and cross-attention [B, N, K, S]
+    for beams; [B, N, L, K] and [B, N, S, K] with one hypothesis a row. The W
+    queries of a sentence are multiplied by transposed keys fastest; one query
+    by keys as projected (XLA:CPU, docs/performance.md)."""
     return width > 1
 
 
@@ -325,7 +340,11 @@ class MultiHeadAttention(nn.Module):
         elif decode_step is not None:
             key = self.get_variable("cache", "key")  # heads-major: see init_cache
             value = self.get_variable("cache", "value")
-            out = self._attend(query, key, value, mask, deterministic, heads_major=True)
+            transposed = keys_transposed(query.shape[0] // key.shape[0])
+            out = self._attend(
+                query, key, value, mask, deterministic, heads_major=True,
+                transposed_keys=transposed,
+            )  # fmt: skip
             return self.out(out)
         else:
             key = self.key(inputs_kv).astype(dtype)
@@ -360,7 +379,9 @@ class MultiHeadAttention(nn.Module):
             self.put_variable("cache", name, array)
         return cached["key"], cached["value"], cached["lineage"]
 
-    def _attend(self, query, key, value, mask, deterministic, heads_major=False):
+    def _attend(
+        self, query, key, value, mask, deterministic, heads_major=False, transposed_keys=False
+    ):
         """Queries of a batch that is a multiple of the keys' batch share keys by group."""
         batch, length = query.shape[:2]
         group = batch // key.shape[0]
@@ -373,7 +394,7 @@ class MultiHeadAttention(nn.Module):
         if needs_weights or uses_dropout or heads_major or not fused:
             out, weights = dot_product_attention(
                 query, key, value, mask, dropout=self.dropout, deterministic=deterministic,
-                heads_major=heads_major,
+                heads_major=heads_major, transposed_keys=transposed_keys,
             )  # fmt: skip
             self.sow("intermediates", "attention_weights", weights)
         else:
@@ -390,7 +411,8 @@ class MultiHeadAttention(nn.Module):
         projected once from `encoded` [B_src, S, D]; `batch` may be any
         multiple of B_src. Both are stored heads-major, [B_src, N, S, K|V], the
         layout the attention's batched matmuls read: stored as projected, [B_src,
-        S, N, K|V], they would be transposed again at every decoding step.
+        S, N, K|V], they would be transposed again at every decoding step. With
+        beams the keys are transposed, [B_src, N, K, S] (`keys_transposed`).
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -409,7 +431,9 @@ class MultiHeadAttention(nn.Module):
             own = jnp.arange(width, dtype=jnp.int32)[None, :, None]
             self.put_variable("cache", "lineage", jnp.broadcast_to(own, (sources, width, length)))
         else:
-            key = self.key(encoded).astype(dtype).transpose(0, 2, 1, 3)
+            transposed = keys_transposed(batch // encoded.shape[0])
+            key = self.key(encoded).astype(dtype)  # [B_src, S, N, K]
+            key = key.transpose(0, 2, 3, 1) if transposed else key.transpose(0, 2, 1, 3)
             value = self.value(encoded).astype(dtype).transpose(0, 2, 1, 3)
         self.put_variable("cache", "key", key)
         self.put_variable("cache", "value", value)
