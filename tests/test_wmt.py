@@ -8,11 +8,14 @@ made here with the real file names and inner layout, put in a manual_dir.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import tarfile
+import tempfile
 
 import pytest
+import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.download import checksums, resource
 from tensorflow_datasets.translate import wmt14
@@ -95,6 +98,20 @@ def test_required_archives_per_dataset(dataset, no_new_connections):
     assert [name for name, _ in archives] == EXPECTED_ARCHIVES[dataset]
     for name, url in archives:
         assert url.startswith(STATMT) and url.endswith("/" + name)
+
+
+def test_making_a_builder_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
+    """TFDS's DatasetInfo.initialize_from_bucket makes an empty "tfds" temp folder
+    for every builder of unprepared data and never removes it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    builder = wmt.wmt_builder(DE_EN, str(tmp_path / "data"))
+    assert builder.info.full_name.startswith("wmt14_translate/de-en")
+    assert os.listdir(scratch) == []
+    # TFDS's own method is back in place for any other builder.
+    tfds.core.DatasetInfo.initialize_from_bucket(builder.info)
+    assert [name for name in os.listdir(scratch) if name.endswith("tfds")]
 
 
 def test_required_archives_by_split():

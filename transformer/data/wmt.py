@@ -34,6 +34,7 @@ folder names TFDS uses, before the builder runs.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -75,7 +76,25 @@ def wmt_builder(dataset: str, data_dir: str | None) -> tfds_wmt.WmtTranslate:
     if dataset not in WMT_DATASETS:
         raise DataError(f"unknown WMT dataset {dataset!r}; choose one of {', '.join(WMT_DATASETS)}")
     name, _, pair = dataset.partition("/")
-    return BUILDERS[name](config=pair, data_dir=data_dir, file_format="array_record")
+    with _no_bucket_lookup():
+        return BUILDERS[name](config=pair, data_dir=data_dir, file_format="array_record")
+
+
+@contextlib.contextmanager
+def _no_bucket_lookup():
+    """TFDS runs DatasetInfo.initialize_from_bucket for every builder whose data
+    is not prepared yet; it makes an empty tempfile.mkdtemp("tfds") folder that
+    is never removed, before a GCS lookup that is off (`try_download_gcs`
+    aside, TFDS disables GCS by default). ding.py's own builder overrides it;
+    TFDS's WMT builders are used as they are, so it is a no-op while one is made.
+    """
+    info = tfds.core.DatasetInfo
+    saved = info.initialize_from_bucket
+    info.initialize_from_bucket = lambda self: None
+    try:
+        yield
+    finally:
+        info.initialize_from_bucket = saved
 
 
 # ----------------------------------------------------------------------------
