@@ -189,14 +189,15 @@ def best_extensions(
     batch, width, vocab = log_probs.shape
     per_beam = min(k, vocab)
     maxima = chunk_maxima(log_probs, per_beam)
-    if normalized:
-        normalize = lambda values: values  # noqa: E731
-    else:
+    if not normalized:
         # The barrier keeps XLA from merging the two maxima into one over the rows.
         over = log_probs if maxima is None else jax.lax.optimization_barrier(maxima)
-        peak = jnp.max(over, axis=-1, keepdims=True)
+        peak = jnp.max(over, axis=-1, keepdims=True)  # [B, W, 1]
         log_total = jnp.log(_sum_exp(log_probs - peak))
-        normalize = lambda values: (values - peak) - log_total  # noqa: E731
+
+    def normalize(values):  # [B, W, n] taken from log_probs' rows
+        return values if normalized else (values - peak) - log_total
+
     beam_best, beam_tokens = top_k(log_probs, per_beam, maxima)  # [B, W, k]
     candidates = (alive_logp[:, :, None] + normalize(beam_best)).reshape(batch, -1)
     scores, flat = jax.lax.top_k(candidates, k)  # [B, k]
