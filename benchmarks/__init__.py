@@ -36,9 +36,10 @@ def eos_only_at_the_end(step_fn, steps: int):
 
     def wrapped(cache, tokens, step):
         out, cache = step_fn(cache, tokens, step)
-        scores = out.logits if isinstance(out, decoding.Logits) else out
+        unnormalized = isinstance(out, decoding.Logits)
+        scores = out.logits if unnormalized else out
         blocked = (jnp.arange(scores.shape[-1]) == EOS_ID) & (step + 1 < steps)
         scores = jnp.where(blocked, -1e9, scores)
-        return (out._replace(logits=scores) if isinstance(out, decoding.Logits) else scores), cache
+        return (decoding.Logits(scores) if unnormalized else scores), cache
 
     return wrapped
