@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer.config import ModelConfig
+from transformer.dropout import Dropout
 from transformer.matmul import matmul
 
 PARTS = 4  # prefix lengths a beam search's self-attention chooses from (prefix_parts)
@@ -304,7 +305,7 @@ class MultiHeadAttention(nn.Module):
         self.key = HeadsProjection(c.num_heads, c.d_k, dtype)
         self.value = HeadsProjection(c.num_heads, c.d_v, dtype)
         self.out = OutputProjection(c.d_model, dtype)
-        self.dropout = nn.Dropout(c.attention_dropout)
+        self.dropout = Dropout(c.attention_dropout)
 
     def __call__(
         self,

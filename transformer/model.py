@@ -30,6 +30,7 @@ from transformer.attention import (
     segment_mask,
 )
 from transformer.config import BOS_ID, ModelConfig
+from transformer.dropout import Dropout
 from transformer.matmul import matmul
 
 EMBED = ("batch", "length", "embed")
@@ -143,7 +144,7 @@ class FeedForward(nn.Module):
         b2 = self.param("bo", _partitioned(nn.initializers.zeros, ("embed",)), (c.d_model,))
         h = nn.relu(matmul("BLD,DF->BLF", x, w1, dtype) + b1)  # [B, L, F]
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(c.relu_dropout)(h, deterministic=deterministic)
+        h = Dropout(c.relu_dropout)(h, deterministic=deterministic)
         return matmul("BLF,FD->BLD", h, w2, dtype) + b2
 
 
@@ -173,7 +174,7 @@ class ResidualBlock(nn.Module):
 
     def setup(self):
         self.norm = _layer_norm(self.config, "norm")
-        self.dropout = nn.Dropout(self.config.dropout)
+        self.dropout = Dropout(self.config.dropout)
 
     def __call__(self, x: jax.Array, sublayer, deterministic: bool) -> jax.Array:
         if self.config.layer_norm == "pre":
@@ -264,7 +265,7 @@ class Embedder(nn.Module):
     def setup(self):
         if self.config.positional == "learned":
             self.positions = LearnedPositions(self.config)
-        self.dropout = nn.Dropout(self.config.dropout)
+        self.dropout = Dropout(self.config.dropout)
 
     def __call__(self, tokens, positions, deterministic):
         x = self.embed(tokens)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from transformer.attention import _NEG_INF, combine_masks, padding_mask, segment_mask
 from transformer.config import ModelConfig
+from transformer.dropout import Dropout
 from transformer.matmul import matmul
 from transformer.model import Embed, OutputLayer, _partitioned, shift_right
 
@@ -130,7 +131,7 @@ class RecurrentEncoder(nn.Module):
             LSTM(c.d_model - half, c, reverse=True, name=f"layer_{i}_backward")
             for i in range(c.num_encoder_layers)
         ]
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def __call__(self, tokens, segmentation, deterministic):
         starts, ends = example_starts(tokens, segmentation), example_ends(tokens, segmentation)
@@ -161,7 +162,7 @@ class RecurrentDecoder(nn.Module):
         )
         if not c.tie_output:
             self.output = OutputLayer(c)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def attention_keys(self, encoded: jax.Array) -> jax.Array:
         """encoded [B, S, D] -> W_a e_s [B, S, D], computed once per source."""
