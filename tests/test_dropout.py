@@ -73,3 +73,36 @@ def test_rates_zero_and_one():
     rngs = {"dropout": jax.random.PRNGKey(0)}
     np.testing.assert_array_equal(dropout.Dropout(0.0).apply({}, x, False, rngs=rngs), x)
     np.testing.assert_array_equal(dropout.Dropout(1.0).apply({}, x, False, rngs=rngs), 0 * x)
+
+
+def _hash_sizes(jaxpr) -> list[int]:
+    """Output sizes of jax's own random bits (random_bits, threefry2x32) in a jaxpr and
+    its sub-jaxprs."""
+    sizes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("random_bits", "threefry2x32"):
+            sizes.append(max(v.aval.size for v in eqn.outvars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    sizes += _hash_sizes(inner)
+    return sizes
+
+
+def test_the_models_masks_do_not_take_jaxs_bits(tiny):
+    from transformer.model import Transformer
+
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    x = jnp.ones((2, 8, 16))
+    flaxs = jax.make_jaxpr(lambda x: _Block(nn.Dropout).apply({}, x, False, rngs=rngs))(x)
+    assert max(_hash_sizes(flaxs.jaxpr)) == x.size  # what the check finds in flax's
+
+    model = Transformer(tiny.replace(dropout=0.1, relu_dropout=0.1, attention_dropout=0.1))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+
+    def forward(params):
+        return model.apply({"params": params}, tokens, tokens, deterministic=False, rngs=rngs)
+
+    assert max(_hash_sizes(jax.make_jaxpr(forward)(params).jaxpr), default=0) <= 2
