@@ -46,6 +46,15 @@ def test_keys_of_another_generator_fall_back_to_jax():
     )
 
 
+def test_jaxs_original_threefry_falls_back_to_jax():
+    key = jax.random.PRNGKey(3)
+    with jax.threefry_partitionable(False):
+        assert dropout.random_bits(key, (4, 5)) is None
+        original = jax.random.bernoulli(key, 0.5, (4, 5))
+        np.testing.assert_array_equal(dropout.bernoulli(key, 0.5, (4, 5)), original)
+    assert not np.array_equal(original, jax.random.bernoulli(key, 0.5, (4, 5)))
+
+
 class _Block(nn.Module):
     """Two auto-named dropouts, as model.py names its feed-forward one."""
 

@@ -43,13 +43,14 @@ def threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Arra
 
 def _threefry_key_data(key: jax.Array) -> jax.Array | None:
     """The key's uint32[2] if jax would draw its bits with partitionable Threefry."""
-    if not jax.config.jax_threefry_partitionable:
+    if not getattr(jax.config, "jax_threefry_partitionable", True):
         return None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         return jax.random.key_data(key)
-    if jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,):
+    default = getattr(jax.config, "jax_default_prng_impl", "threefry2x32")
+    if default != "threefry2x32" or key.shape != (2,):
         return None
     return key
 
