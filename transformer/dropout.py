@@ -29,7 +29,8 @@ def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
 
 
 def threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32 (Salmon et al., 2011) of the counters (x0, x1) under key uint32[2]."""
+    """Threefry-2x32 (Salmon et al., 2011) of the counters (x0, x1) under key uint32[2];
+    the counters broadcast against each other."""
     ks = (key[0], key[1], key[0] ^ key[1] ^ np.uint32(0x1BD11BDA))
     x0, x1 = x0 + ks[0], x1 + ks[1]
     for block in range(5):
@@ -67,7 +68,7 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
     for axis in reversed(range(len(shape))):
         index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
         stride *= shape[axis]
-    x0, x1 = threefry2x32(data.astype(jnp.uint32), jnp.zeros(shape, jnp.uint32), index)
+    x0, x1 = threefry2x32(data.astype(jnp.uint32), np.uint32(0), index)
     return x0 ^ x1
 
 
