@@ -11,6 +11,7 @@ head, with the SentencePiece tokens on the axes, like the paper's Figures 3-5.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 
@@ -27,15 +28,19 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}")
     if not SENTENCE.value or not SENTENCE.value.strip():
         raise cli.UserError('--sentence is required, e.g. --sentence="Das Haus ist schön."')
+    # The shell hands over bytes; absl keeps those that are not UTF-8 as surrogates.
+    sentence, invalid = cli.decode_line(SENTENCE.value.encode("utf-8", "surrogateescape"))
+    if invalid:
+        print("warning: --sentence: invalid UTF-8 replaced by U+FFFD", file=sys.stderr)
     model = trained_flags.load()
     vocab, max_tokens = model.vocab, model.model.config.max_len - 1
-    source_ids = vocab.encode(SENTENCE.value)
+    source_ids = vocab.encode(sentence)
     if len(source_ids) > max_tokens:
         raise cli.UserError(
             f"--sentence has {len(source_ids)} tokens; the model takes at most {max_tokens}"
         )
     translator = trained_flags.translator(model)
-    translation = translator.translate([SENTENCE.value])[0]
+    translation = translator.translate([sentence])[0]
     target_ids = vocab.encode(translation)[:max_tokens]
     out_dir = OUT_DIR.value or os.path.join(trained_flags.WORKDIR.value, "attention_maps")
     paths = attention_maps.write_maps(

@@ -32,6 +32,9 @@ def main(argv: list[str]) -> None:
     if LAST.value < 1:
         raise cli.UserError(f"--last must be >= 1, got {LAST.value}")
     output = OUTPUT.value or os.path.join(WORKDIR.value, f"average_last{LAST.value}")
+    part = cli.workdir_part(output)
+    if part is not None:
+        raise cli.UserError(f"--output={output} would overwrite {part}; choose a new folder")
     result = trained.write_average(WORKDIR.value, LAST.value, output)
     print(f"averaged the parameters of steps {', '.join(map(str, result.steps))} into {output}")
 

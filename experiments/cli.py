@@ -23,18 +23,41 @@ class UserError(Exception):
     """Something the user can correct; the message says what and how."""
 
 
-def decode_line(raw: bytes) -> tuple[str, bool]:
+def decode_line(raw: bytes, first: bool = False) -> tuple[str, bool]:
     """A line of input without its line ending, and whether it held invalid UTF-8
-    (replaced by U+FFFD)."""
+    (replaced by U+FFFD). The first line of a file loses a UTF-8 byte-order
+    mark, which editors on Windows write and which is not text."""
     raw = raw.rstrip(b"\n").rstrip(b"\r")
+    if first:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8"), False
     except UnicodeDecodeError:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def check_output_file(flag: str, path: str) -> None:
-    """Refuses, before any work, an output path that cannot be written as a file."""
+# What a training workdir holds of its own (transformer/record.py): never an output.
+WORKDIR_FILES = ("config.json", "vocab.model", "results.json", "metrics.jsonl")
+
+
+def workdir_part(path: str) -> str | None:
+    """What of a training workdir `path` would overwrite, or None: one of its
+    own files, or anything in its checkpoints folder."""
+    real = os.path.realpath(path)
+    parent, name = os.path.split(real)
+    if name in WORKDIR_FILES and os.path.isfile(os.path.join(parent, "config.json")):
+        return f"{parent}'s {name}"
+    while real != os.path.dirname(real):
+        above, folder = os.path.split(real)
+        if folder == "checkpoints" and os.path.isfile(os.path.join(above, "config.json")):
+            return f"the checkpoints of {above}"
+        real = above
+    return None
+
+
+def check_output_file(flag: str, path: str, inputs: tuple[str, ...] = ()) -> None:
+    """Refuses, before any work, an output path that cannot be written as a file,
+    that is one of `inputs`, or that is part of a training workdir."""
     if os.path.isdir(path):
         raise UserError(f"--{flag}={path} is a folder; give the name of a file to write")
     parent = os.path.dirname(os.path.abspath(path))
@@ -42,10 +65,16 @@ def check_output_file(flag: str, path: str) -> None:
         raise UserError(f"--{flag}={path}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--{flag}={path}: the folder {parent} is not writable")
+    for source in inputs:
+        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+            raise UserError(f"--{flag}={path} is also the input; write to another file")
+    part = workdir_part(path)
+    if part is not None:
+        raise UserError(f"--{flag}={path} would overwrite {part}; write to another file")
 
 
-def fail(message: str) -> None:
-    """Prints the one-line error and exits with status 1."""
+def fail(message: str, code: int = 1) -> None:
+    """Prints the one-line error and exits with status `code` (1: what to fix is said)."""
     first_line = " ".join(str(message).split())
     sys.stdout.flush()
     # Other threads (a failed asynchronous orbax save, asyncio) may be printing
@@ -66,7 +95,7 @@ def fail(message: str) -> None:
     lead = "\n" if threading.active_count() > 1 else ""
     os.write(real, f"{lead}{_program()}: error: {first_line}\n".encode())
     # Exit now: the interpreter's shutdown would wait for those threads.
-    os._exit(1)
+    os._exit(code)
 
 
 def _program() -> str:
@@ -96,6 +125,11 @@ def run(main: Callable[[list[str]], None]) -> None:
             return main(argv)
         except (ConfigError, UserError, DataError, CheckpointError) as e:
             fail(str(e))
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM where an entry point maps it)
+            fail("interrupted", code=130)
+        except BrokenPipeError:  # the reader went away (| head): nothing left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os._exit(1)
         except OSError as e:  # a full disk, a missing or unwritable path
             if isinstance(e, FileExistsError) and os.path.isfile(e.filename or ""):
                 fail(f"{e.filename} is a file, not a folder; give a folder's path")

@@ -28,33 +28,64 @@ HEADER = (
 )
 
 
+def _results(workdir: str) -> dict:
+    path = epath.Path(workdir) / "results.json"
+    if not path.exists():
+        raise cli.UserError(f"{workdir} has no results.json: train it to the end first")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{path} is not valid JSON ({e}); rerun its command") from e
+    if not isinstance(results, dict):
+        raise cli.UserError(f"{path} is not a run's results; rerun its command")
+    return results
+
+
+def _rates(workdir: str) -> list[float]:
+    """Training throughput of each logged interval; lines that are not a record
+    (a run killed mid-write) are skipped."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rates = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            rate = json.loads(line).get("train/target_tokens_per_second")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(rate, int | float):
+            rates.append(float(rate))
+    return rates
+
+
 def row(workdir: str) -> dict:
     """The figures of one finished workdir; a UserError if it has none."""
-    path = epath.Path(workdir)
-    if not (path / "results.json").exists():
-        raise cli.UserError(f"{workdir} has no results.json: train it to the end first")
-    results = json.loads((path / "results.json").read_text())
+    results = _results(workdir)
     split = next((k[: -len("_sacrebleu")] for k in results if k.endswith("_sacrebleu")), None)
     if split is None or results.get("preempted"):
         raise cli.UserError(f"{workdir} has no final evaluation: rerun its command to finish it")
     model = record.read_configs(workdir).model
-    rates = [
-        r["train/target_tokens_per_second"]
-        for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
-        if "train/target_tokens_per_second" in r
-    ]
+    rates = _rates(workdir)
+    figures = {
+        "steps": results.get("step"),
+        "train_minutes": results.get("train_minutes"),
+        "validation_perplexity": results.get("validation_perplexity"),
+        "sacrebleu": results.get(f"{split}_sacrebleu"),
+        "chrf": results.get(f"{split}_chrf"),
+    }
+    bad = [k for k, v in figures.items() if not isinstance(v, int | float) or isinstance(v, bool)]
+    if bad:
+        raise cli.UserError(
+            f"{workdir}/results.json lacks a number for {', '.join(bad)}; rerun its command"
+        )
     return {
         "workdir": workdir,
         "model": f"{model.architecture}, d_model {model.d_model}, "
         f"{model.num_encoder_layers}+{model.num_decoder_layers} layers",
         "params": formula_counts(model)["total"],
-        "steps": results["step"],
-        "train_minutes": results["train_minutes"],
         "target_tokens_per_second": statistics.median(rates) if rates else float("nan"),
-        "validation_perplexity": results["validation_perplexity"],
         "split": split,
-        "sacrebleu": results[f"{split}_sacrebleu"],
-        "chrf": results[f"{split}_chrf"],
+        **figures,
     }
 
 
@@ -75,6 +106,8 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; see --help")
     if not _WORKDIRS.value:
         raise cli.UserError("--workdirs is required: finished workdirs, separated by commas")
+    if "" in _WORKDIRS.value:
+        raise cli.UserError("--workdirs has an empty name (a stray comma?)")
     print(table([row(w) for w in _WORKDIRS.value]))
 
 

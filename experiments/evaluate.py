@@ -39,7 +39,7 @@ def read_lines(path: str) -> list[str]:
     """The file's lines; invalid UTF-8 is replaced by U+FFFD, with a warning."""
     try:
         with open(path, "rb") as f:
-            decoded = [cli.decode_line(raw) for raw in f]
+            decoded = [cli.decode_line(raw, first=i == 0) for i, raw in enumerate(f)]
     except OSError as e:
         raise cli.UserError(f"{path} cannot be read: {e.strerror}") from e
     lines = [text for text, _ in decoded]
@@ -80,8 +80,13 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}")
     if LIMIT.value < 0:
         raise cli.UserError(f"--limit must be >= 0, got {LIMIT.value}")
+    if REFERENCE_FILE.value and not SOURCE_FILE.value:
+        raise cli.UserError("--reference_file needs --source_file (the sentences it translates)")
+    if SOURCE_FILE.value and flags.FLAGS["split"].present:
+        raise cli.UserError("--split and --source_file exclude each other; give one")
     if HYPOTHESES.value:
-        cli.check_output_file("hypotheses", HYPOTHESES.value)
+        inputs = tuple(f for f in (SOURCE_FILE.value, REFERENCE_FILE.value) if f)
+        cli.check_output_file("hypotheses", HYPOTHESES.value, inputs)
     if SOURCE_FILE.value:
         sources, references, name = pairs_from_files()
         if LIMIT.value:
@@ -93,7 +98,8 @@ def main(argv: list[str]) -> None:
     data = data.replace(**config_flags.given(config.DataConfig))
     if not SOURCE_FILE.value:
         sources, references, name = pairs_from_split(data)
-    tag = f"{name}.{'avg' + str(len(model.steps)) if len(model.steps) > 1 else model.steps[0]}"
+    steps = f"avg{len(model.steps)}" if len(model.steps) > 1 else model.steps[0]
+    tag = f"{name}{f'.first{LIMIT.value}' if LIMIT.value else ''}.{steps}"
     out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
     local = "://" not in trained_flags.WORKDIR.value
     if not HYPOTHESES.value and local and not os.access(trained_flags.WORKDIR.value, os.W_OK):

@@ -101,6 +101,14 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; see --help")
     if _TABLE3.value:
         given = config_flags.given(config.ModelConfig)
+        others = sorted(set(given) - {"vocab_size"})
+        if others or flags.FLAGS["preset"].present:
+            shown = ", ".join(f"--{name}" for name in others or ["preset"])
+            raise cli.UserError(
+                f"--table3 sets every row's model itself; only --vocab_size applies, not {shown}"
+            )
+        if "vocab_size" in given:
+            config.BASE.replace(vocab_size=given["vocab_size"]).validate()
         print_table3(given.get("vocab_size"), _JSON.value)
     else:
         print_breakdown(model_flags.model_config(), _JSON.value)

@@ -9,11 +9,14 @@ The workdir holds the model config, vocabulary and checkpoints, so nothing
 else is needed. Whatever the input, there is exactly one output line per input
 line, in order: an empty line gives an empty line; a line longer than the
 model's max length is translated in pieces (warned about on stderr); invalid
-UTF-8 is replaced by U+FFFD (warned about); an empty input gives no output and
-a warning. A bad --output is refused before the model loads, and a failed run
-leaves no partial file behind. Input is read and translated in
-chunks, so a file of any size runs in bounded memory; sentences within a chunk
-are batched by length.
+UTF-8 is replaced by U+FFFD (warned about); a byte-order mark opening the
+input is dropped; an empty input gives no output and a warning. --input may be
+a pipe (/dev/stdin, <(...)), read once. A bad --output (a folder, the input
+itself, a training workdir's own files) is refused before the model loads,
+and a failed or interrupted run (Ctrl-C, SIGTERM) leaves no partial file
+behind; an --output that is a link is written through. Input is read and
+translated in chunks, so a file of any size runs in bounded memory;
+sentences within a chunk are batched by length.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO, TextIO
@@ -50,7 +54,7 @@ def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, str, bo
     chunk, number = [], 0
     for raw in stream:
         number += 1
-        chunk.append((number, *cli.decode_line(raw)))
+        chunk.append((number, *cli.decode_line(raw, first=number == 1)))
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -107,43 +111,66 @@ def translate_stream(
     return total
 
 
+def _open_input(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise cli.UserError(f"--input={path} cannot be read: {e.strerror}") from e
+
+
+def _sink_path(path: str) -> str | None:
+    """Where the translations are written and then renamed into `path`: beside
+    the file a link points to (the link stays a link), or None for what is not
+    a file to replace (a terminal, a pipe, /dev/stdout): written directly."""
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        return None
+    return f"{real}.partial"
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the partial file is removed
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; text comes on stdin or --input")
     if CHUNK_LINES.value < 1 or BATCH_TOKENS.value < 1:
         raise cli.UserError("--chunk_lines and --decode_batch_tokens must be positive")
-    if INPUT.value is not None:
-        try:
-            open(INPUT.value, "rb").close()
-        except OSError as e:
-            raise cli.UserError(f"--input={INPUT.value} cannot be read: {e.strerror}") from e
     if OUTPUT.value is not None:
-        cli.check_output_file("output", OUTPUT.value)
-    model = trained_flags.load()
-    translator = trained_flags.translator(model, tokens_per_batch=BATCH_TOKENS.value)
-    meter = None
-    if INPUT.value:  # on stderr: stdout may be carrying the translations
-        meter = Meter("translating", _count_lines(INPUT.value), "lines", stream=sys.stderr)
-    # A named output is written beside its place and renamed when complete:
-    # an interrupted run leaves an earlier file of that name untouched.
-    partial = f"{OUTPUT.value}.partial" if OUTPUT.value else None
-    try:
-        with contextlib.ExitStack() as stack:
-            source = (
-                stack.enter_context(open(INPUT.value, "rb")) if INPUT.value else sys.stdin.buffer
-            )
+        inputs = (INPUT.value,) if INPUT.value else ()
+        cli.check_output_file("output", OUTPUT.value, inputs)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with contextlib.ExitStack() as stack:
+        # Opened once, before the model loads: a pipe or FIFO (--input=/dev/stdin,
+        # <(...)) can be read only once, and a missing file is refused at once.
+        source = stack.enter_context(_open_input(INPUT.value)) if INPUT.value else sys.stdin.buffer
+        model = trained_flags.load()
+        translator = trained_flags.translator(model, tokens_per_batch=BATCH_TOKENS.value)
+        meter = None
+        if INPUT.value:  # on stderr: stdout may be carrying the translations
+            # A regular file is counted first, for the ETA; a stream cannot be read twice.
+            total = _count_lines(INPUT.value) if os.path.isfile(INPUT.value) else None
+            meter = Meter("translating", total, "lines", stream=sys.stderr)
+        # A named output is written beside its place and renamed when complete:
+        # an interrupted run leaves an earlier file of that name untouched.
+        partial = _sink_path(OUTPUT.value) if OUTPUT.value else None
+        try:
             if partial:
                 sink = stack.enter_context(open(partial, "w", encoding="utf-8"))
+            elif OUTPUT.value:
+                sink = stack.enter_context(open(OUTPUT.value, "w", encoding="utf-8"))
             else:
                 sys.stdout.reconfigure(encoding="utf-8")
                 sink = sys.stdout
             lines = translate_stream(translator, source, sink, CHUNK_LINES.value, meter)
-        if partial:
-            os.replace(partial, OUTPUT.value)
-    except BaseException:  # a full disk, Ctrl-C: no half-written file is left behind
-        if partial and os.path.exists(partial):
-            os.remove(partial)
-        raise
+            if partial:
+                sink.close()
+                os.replace(partial, partial.removesuffix(".partial"))
+        except BaseException:  # a full disk, Ctrl-C: no half-written file is left behind
+            if partial and os.path.exists(partial):
+                os.remove(partial)
+            raise
     if lines == 0:
         warn("the input was empty: nothing to translate")
 

@@ -475,9 +475,10 @@ def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_p
     result = run_module(
         "experiments.attention_maps",
         f"--workdir={trained_workdir}",
-        "--sentence=Der Hund sieht das grüne Haus.",
+        "--sentence=Der Hund sieht das grüne Haus.".encode() + b" \xff",  # a stray byte
         f"--out_dir={tmp_path}",
     )
+    assert "--sentence: invalid UTF-8 replaced by U+FFFD" in result.stderr.decode()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     # tiny: 2 encoder layers (self) and 2 decoder layers (self and encoder-decoder)
     assert pngs == [
@@ -564,6 +565,10 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
         record = json.loads((copy / "config.json").read_text())
         del record["model"]["d_model"]
         (copy / "config.json").write_text(json.dumps(record))
+    elif damage == "config_bad_value":  # edited by hand
+        record = json.loads((copy / "config.json").read_text())
+        record["model"]["num_heads"] = 0
+        (copy / "config.json").write_text(json.dumps(record))
     elif damage == "vocab_garbage":
         (copy / VOCAB_FILE).write_bytes(bytes(range(256)) * 2)
     elif damage == "latest_checkpoint_truncated":
@@ -579,6 +584,7 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
         ("config_not_json", "config.json is not valid JSON"),
         ("config_without_records", "config.json is not a training config"),
         ("config_without_d_model", "its model record lacks d_model"),
+        ("config_bad_value", "config.json: model num_heads must be a positive integer, got 0"),
         ("vocab_garbage", "vocab.model: not a SentencePiece model"),
         (
             "latest_checkpoint_truncated",
@@ -614,6 +620,86 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_work
     )  # fmt: skip
     line = _one_line_error(result, "experiments.evaluate")
     assert f"the folder {missing.parent} does not exist" in line
+
+
+def _fingerprint(folder) -> dict:
+    return {str(f): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_outputs_that_are_an_input_or_part_of_a_workdir_are_refused(trained_workdir, tmp_path):
+    before = _fingerprint(trained_workdir)
+    source = tmp_path / "in.txt"
+    source.write_text("Das Haus.\n")
+    other = tmp_path / "other"  # another run's workdir, which an average must not take over
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    cases = [
+        ("experiments.translate", [f"--input={source}", f"--output={source}"],
+         f"--output={source} is also the input"),
+        ("experiments.translate", [f"--output={trained_workdir / 'config.json'}"],
+         f"would overwrite {trained_workdir}'s config.json"),
+        ("experiments.evaluate", [f"--hypotheses={trained_workdir / 'vocab.model'}"],
+         f"would overwrite {trained_workdir}'s vocab.model"),
+        ("experiments.evaluate", [f"--source_file={source}", f"--reference_file={source}",
+                                  f"--hypotheses={source}"], "is also the input"),
+        ("experiments.evaluate", [f"--reference_file={source}"],
+         "--reference_file needs --source_file"),
+        ("experiments.evaluate", [f"--source_file={source}", "--split=test"],
+         "--split and --source_file exclude each other"),
+        ("experiments.average", [f"--output={trained_workdir / 'checkpoints' / '9999'}"],
+         f"would overwrite the checkpoints of {trained_workdir}"),
+        ("experiments.average", ["--last=2", f"--output={other}"],
+         f"{other} holds another run's config.json"),
+    ]  # fmt: skip
+    for module, args, message in cases:
+        result = run_module(module, f"--workdir={trained_workdir}", *args, check=False)
+        assert message in _one_line_error(result, module)
+    assert _fingerprint(trained_workdir) == before
+    assert source.read_text() == "Das Haus.\n" and (other / "config.json").read_text() == "{}"
+
+
+def test_translate_reads_a_pipe_once_drops_a_byte_order_mark_and_writes_through_a_link(
+    trained_workdir, tmp_path
+):
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("earlier\n")
+    link.symlink_to(target)
+    sentence = "Das Haus ist schön.\n".encode()
+    result = run_module(
+        "experiments.translate", f"--workdir={trained_workdir}", "--input=/dev/stdin",
+        f"--output={link}", stdin=b"\xef\xbb\xbf" + sentence + sentence,
+    )  # fmt: skip
+    first, second = _lines(target.read_bytes())
+    assert first == second and first.strip()  # the mark is not part of the first sentence
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["link.txt", "target.txt"]
+    assert "translating: 2 lines" in result.stderr.decode()  # a stream: no total, no ETA
+
+
+def test_translate_stopped_by_sigterm_keeps_the_earlier_output(trained_workdir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("Der Hund sieht das grüne Haus.\n" * 20000)
+    out.write_text("earlier\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.translate", f"--workdir={trained_workdir}",
+         f"--input={source}", f"--output={out}", "--chunk_lines=50"],
+        stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    partial = tmp_path / "out.txt.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert partial.exists(), "no chunk was written within 120 s"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    lines = stderr.decode().strip().splitlines()
+    assert process.returncode == 130 and lines[-1].endswith("error: interrupted"), lines[-3:]
+    assert out.read_text() == "earlier\n" and not partial.exists()
 
 
 def test_evaluate_refuses_empty_files_and_warns_about_invalid_utf8(trained_workdir, tmp_path):

@@ -68,6 +68,17 @@ def test_table3_command_prints_every_row():
     for name in config.TABLE3:
         assert config.PRESETS[name].row in out
     assert "214.25M" in out and "213M" in out  # big: ours beside the paper's
+    for flag, message in (
+        ("--vocab_size=0", "vocab_size must be a positive integer, got 0"),
+        ("--num_heads=16", "only --vocab_size applies, not --num_heads"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "experiments.params", "--table3", flag],
+            capture_output=True,
+            text=True,
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], lines
 
 
 def test_breakdown_command_reports_matching_counts():

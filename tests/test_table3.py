@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import run_module
 
-from transformer import config
+from transformer import config, metrics, record
 from transformer.analysis import table3
 
 # ----------------------------------------------------------------------------
@@ -139,6 +139,36 @@ def test_compare_names_a_workdir_without_results(tmp_path):
     result = run_module("experiments.compare", f"--workdirs={tmp_path}", check=False)
     assert result.returncode == 1
     assert "has no results.json" in result.stderr.decode().strip()
+    result = run_module("experiments.compare", f"--workdirs={tmp_path},", check=False)
+    assert result.returncode == 1
+    assert "--workdirs has an empty name" in result.stderr.decode().strip()
+
+
+def test_compare_reads_what_a_killed_run_left_and_names_damage(tmp_path):
+    from experiments import cli, compare
+
+    configs = record.Configs(
+        config.preset("tiny"), config.DataConfig(), config.TrainConfig(), config.DecodeConfig()
+    )
+    record.write_config(str(tmp_path), configs)
+    results = {"step": 3, "train_minutes": 0.5, "validation_perplexity": 9.0,
+               "test_sacrebleu": 1.0, "test_chrf": 20.0}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    # A run killed mid-write left a torn last line; the resumed run's records follow it.
+    first = json.dumps({"step": 1, "train/target_tokens_per_second": 100.0})
+    (tmp_path / "metrics.jsonl").write_text(first + '\n{"step": 2, "train/targ')
+    writer = metrics.SummaryWriter(str(tmp_path))
+    writer.write(3, {"target_tokens_per_second": 300.0}, prefix="train/")
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "train/targ' and json.loads(lines[2])["step"] == 3
+    assert compare.row(str(tmp_path))["target_tokens_per_second"] == 200.0
+    (tmp_path / "results.json").write_text(json.dumps({**results, "test_chrf": None}))
+    with pytest.raises(cli.UserError, match="results.json lacks a number for chrf"):
+        compare.row(str(tmp_path))
+    (tmp_path / "results.json").write_text('{"step": 3, "te')
+    with pytest.raises(cli.UserError, match="results.json is not valid JSON"):
+        compare.row(str(tmp_path))
 
 
 def test_table3_refuses_a_bad_row_at_once(tmp_path):

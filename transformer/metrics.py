@@ -86,7 +86,14 @@ class SummaryWriter:
         path = self.path = epath.Path(workdir)
         (path / "tensorboard").mkdir(parents=True, exist_ok=True)
         self._events = EventsWriter(str(path / "tensorboard" / "events"))
-        self._jsonl = (path / "metrics.jsonl").open("a")
+        jsonl = path / "metrics.jsonl"
+        # A run killed mid-write leaves a last line without its end: new records
+        # start on a line of their own, so that one bad line stays one.
+        earlier = jsonl.read_bytes() if jsonl.exists() else b""
+        torn = bool(earlier) and not earlier.endswith(b"\n")
+        self._jsonl = jsonl.open("a")
+        if torn:
+            self._jsonl.write("\n")
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:

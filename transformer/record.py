@@ -4,8 +4,9 @@
   vocab.model          the SentencePiece vocabulary (transformer/data/vocab.py)
   checkpoints/<step>   orbax checkpoints (transformer/checkpoint.py)
 
-Training writes config.json when it starts and refuses a workdir that holds a
-different model; translation, evaluation and averaging read it back. A field
+Training checks config.json when it starts, refusing a workdir that holds a
+different model or trained on other data, and rewrites it once the run's
+state is restored; translation, evaluation and averaging read it back. A field
 missing from an older config.json had its default when that run trained.
 """
 
@@ -18,7 +19,7 @@ from etils import epath
 
 from transformer import checkpoint
 from transformer.checkpoint import CheckpointError
-from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
+from transformer.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, TrainConfig
 
 CONFIG_FILE = "config.json"
 
@@ -51,27 +52,48 @@ class Configs:
 _RECORDS = ("model", "data", "train", "decode")
 
 
-def write_config(workdir: str, configs: Configs) -> None:
-    """workdir/config.json; refuses a workdir that trained another model."""
+# What a run trains on: a workdir keeps them (another corpus or direction is a new run).
+DATA_FIELDS = ("dataset", "direction")
+
+
+def check_config(workdir: str, configs: Configs) -> None:
+    """Refuses a workdir whose config.json records another model, corpus or direction."""
     path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return
     record = configs.as_record()
-    if path.exists():
-        previous = read_record(path)["model"]
-        defaults = {
-            f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in SHAPE_FIELDS
-        }
-        changed = sorted(
-            k
-            for k in record["model"]
-            if k not in COMPUTE_ONLY and previous.get(k, defaults.get(k)) != record["model"][k]
+    previous = read_record(path)
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in SHAPE_FIELDS
+    }
+    changed = sorted(
+        k
+        for k in record["model"]
+        if k not in COMPUTE_ONLY and previous["model"].get(k, defaults.get(k)) != record["model"][k]
+    )
+    if changed:
+        raise CheckpointError(
+            f"{workdir} holds a model with a different config ({', '.join(changed)}); "
+            "use a new --workdir or the same model flags"
         )
-        if changed:
-            raise CheckpointError(
-                f"{workdir} holds a model with a different config ({', '.join(changed)}); "
-                "use a new --workdir or the same model flags"
-            )
+    moved = [
+        f"{k} {previous['data'][k]} -> {record['data'][k]}"
+        for k in DATA_FIELDS
+        if k in previous["data"] and previous["data"][k] != record["data"][k]
+    ]
+    if moved:
+        raise CheckpointError(
+            f"{workdir} trained on other data ({', '.join(moved)}); use a new --workdir "
+            "(with --init_from to start from this one's parameters)"
+        )
+
+
+def write_config(workdir: str, configs: Configs) -> None:
+    """workdir/config.json; refuses a workdir that trained another model or corpus."""
+    check_config(workdir, configs)
+    path = epath.Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(configs.as_record(), indent=2) + "\n")
 
 
 def read_record(path: epath.Path) -> dict:
@@ -112,7 +134,7 @@ def read_configs(workdir: str) -> Configs:
             f"{path} is not a training config (its model record lacks {', '.join(missing)}); {_FIX}"
         )
     try:
-        return Configs(
+        configs = Configs(
             model=ModelConfig(**record["model"]),
             data=DataConfig(**record["data"]),
             train=TrainConfig(**record["train"]),
@@ -120,6 +142,12 @@ def read_configs(workdir: str) -> Configs:
         )
     except TypeError as e:  # a field these configs do not have
         raise CheckpointError(f"{path} is not a training config ({e}); {_FIX}") from e
+    for name in _RECORDS:  # values edited by hand, or damaged, are named as flags are
+        try:
+            getattr(configs, name).validate()
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {name} {e}; {_FIX}") from e
+    return configs
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

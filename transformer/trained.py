@@ -143,6 +143,10 @@ def write_average(workdir: str, last: int, output: str) -> Trained:
         raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
     if (out / checkpoint.CHECKPOINTS).exists() and record.checkpoint_steps(output):
         raise CheckpointError(f"{output} already holds checkpoints; choose a new --output")
+    for name in (record.CONFIG_FILE, VOCAB_FILE):  # another run's: not overwritten
+        mine = (epath.Path(workdir) / name).read_bytes()
+        if (out / name).exists() and (out / name).read_bytes() != mine:
+            raise CheckpointError(f"{output} holds another run's {name}; choose a new --output")
     out.mkdir(parents=True, exist_ok=True)
     for name in (record.CONFIG_FILE, VOCAB_FILE):
         (out / name).write_bytes((epath.Path(workdir) / name).read_bytes())
