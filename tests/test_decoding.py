@@ -89,12 +89,21 @@ def greedy_by_hand(table, max_length, no_repeat=0):
 
 
 def run_beam(
-    table, max_lengths, beam_size, alpha, length=8, early_stop=True, no_repeat=0, n_best=None
-):
+    table, max_lengths, beam_size, alpha, length=8, early_stop=True, no_repeat=0, n_best=None,
+    logits=False,
+):  # fmt: skip
     """beam_search on the table: tokens [B, L] and scores [B] of the best (n_best None),
-    else [B, n_best, L] and [B, n_best]; and the steps run."""
+    else [B, n_best, L] and [B, n_best]; and the steps run. logits: the step returns
+    `Logits` (the log-probabilities shifted by a constant), as a model's step does."""
     max_lengths = jnp.asarray(max_lengths)
     step_fn, reorder, cache = markov_search(table, max_lengths.shape[0] * beam_size, length)
+    if logits:
+        log_prob_step = step_fn
+
+        def step_fn(cache, tokens, step):
+            out, cache = log_prob_step(cache, tokens, step)
+            return decoding.Logits(out + 3.0), cache
+
     tokens, scores, steps = decoding.beam_search(
         step_fn,
         reorder,
@@ -231,17 +240,20 @@ def repetitive_table(seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_no_repeat_ngram_finds_the_best_sequence_that_repeats_none(n):
+@pytest.mark.parametrize("logits", [False, True])
+def test_no_repeat_ngram_finds_the_best_sequence_that_repeats_none(n, logits):
     # Beam 8 over two ordinary tokens keeps every hypothesis of up to 3 tokens,
     # so on 6-token outputs it is exact: it must equal the brute force restricted
     # to sequences without a repeated n-gram. Without early stopping: its "W
     # hypotheses ended" rule is a heuristic, and blocking ends hypotheses sooner.
+    # From logits (what translating does), the scores are the model's log P: a
+    # ban does not renormalise over the tokens it leaves.
     changed = 0
     for seed in range(8):
         table = repetitive_table(seed)
         expected, expected_score = brute_force(table, 6, alpha=2.0, no_repeat=n)
         tokens, scores, _ = run_beam(
-            table, [6], beam_size=8, alpha=2.0, no_repeat=n, early_stop=False
+            table, [6], beam_size=8, alpha=2.0, no_repeat=n, early_stop=False, logits=logits
         )
         assert trimmed(tokens[0]) == expected, seed
         np.testing.assert_allclose(scores[0], expected_score, rtol=1e-5)

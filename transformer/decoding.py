@@ -167,6 +167,7 @@ def best_extensions(
     *,
     normalized: bool = True,
     only_eos: jax.Array | None = None,
+    unbanned: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The k best one-token extensions of W hypotheses per sentence.
 
@@ -180,6 +181,10 @@ def best_extensions(
     normalised, as `log_softmax_grouped` would have (the order within a row is
     the same). The row's maximum is taken from the top-k's chunk maxima, so the
     [B, W, V] rows are read twice (maxima, sum of exponentials), not three times.
+    unbanned: with normalized=False, the logits before some tokens were banned
+    (set to NEG_INF in log_probs, `no_repeat_ngram`): the normaliser is theirs,
+    the model's own, as log-probabilities banned after `log_softmax_grouped`
+    would be; a ban does not raise the scores of the tokens it leaves.
 
     only_eos [B]: sentences at their last position, where only EOS may follow.
     Their candidates are their beams' EOS extensions, best first, then NEG_INF:
@@ -190,10 +195,12 @@ def best_extensions(
     per_beam = min(k, vocab)
     maxima = chunk_maxima(log_probs, per_beam)
     if not normalized:
+        model = log_probs if unbanned is None else unbanned
         # The barrier keeps XLA from merging the two maxima into one over the rows.
-        over = log_probs if maxima is None else jax.lax.optimization_barrier(maxima)
+        reuse = maxima is not None and unbanned is None
+        over = jax.lax.optimization_barrier(maxima) if reuse else model
         peak = jnp.max(over, axis=-1, keepdims=True)  # [B, W, 1]
-        log_total = jnp.log(_sum_exp(log_probs - peak))
+        log_total = jnp.log(_sum_exp(model - peak))
 
     def normalize(values):  # [B, W, n] taken from log_probs' rows
         return values if normalized else (values - peak) - log_total
@@ -289,12 +296,14 @@ def _beam_steps(
         normalized = not isinstance(out, Logits)  # else normalised after the top-k
         log_probs = out if normalized else out.logits
         log_probs = log_probs.reshape(batch, width, -1).astype(jnp.float32)  # [B, W, V]
+        unbanned = None
         if no_repeat_ngram:
+            unbanned = None if normalized else log_probs  # the model's normaliser stays
             log_probs = _block_repeated_ngrams(log_probs, state["alive"], step, no_repeat_ngram)
         # 2W candidates: even if W of them end in EOS, W remain to continue.
         scores, origin, token = best_extensions(
             state["alive_logp"], log_probs, 2 * width, normalized=normalized,
-            only_eos=step + 1 >= max_lengths,
+            only_eos=step + 1 >= max_lengths, unbanned=unbanned,
         )  # fmt: skip
         sequences = jnp.take_along_axis(state["alive"], origin[:, :, None], axis=1)
         sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, step, axis=2)
