@@ -120,3 +120,88 @@ def test_two_processes_equal_one_process_and_resume(ding_sample, tmp_path):
     unbroken = tmp_path / "unbroken"
     _train_two_processes([*tiny_training_args(ding_sample, unbroken, 8), *shared])
     assert _losses(unbroken) == got
+
+
+def test_a_signal_to_one_process_and_time_based_saves_stop_both_at_one_step(ding_sample, tmp_path):
+    """A save and a stop are collective: each process deciding by its own clock or its
+    own SIGTERM (a slice's hosts are signalled one by one) would leave the others
+    waiting in a step it never joins. Here only process 1 is signalled, and a save is
+    due by the clock every 0.2 s; both agree every loop.AGREE_EVERY steps."""
+    import signal
+    import time
+
+    from transformer import loop
+
+    workdir = tmp_path / "run"
+    args = [
+        *tiny_training_args(ding_sample, workdir, 100_000, checkpoint_every=0),
+        "--checkpoint_minutes=0.003",
+        "--log_every=100000",
+    ]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.wmt",
+                *args,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+    def saved() -> list[int]:
+        folder = workdir / "checkpoints"
+        return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if folder.exists() else []
+
+    try:
+        deadline = time.monotonic() + 180
+        while len(saved()) < 2 and time.monotonic() < deadline:  # time-based saves, agreed
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    steps = saved()
+    assert len(steps) >= 2 and all(s % loop.AGREE_EVERY == 0 for s in steps), steps
+
+
+def test_a_mesh_whose_rows_do_not_split_over_the_processes_is_refused(ding_sample, tmp_path):
+    # data:1,tensor:2 over two hosts of 1 device: both processes would read
+    # "their" rows of a batch that has one block of rows, each another batch.
+    args = [*tiny_training_args(ding_sample, tmp_path / "run", 2), "--mesh=data:1,tensor:2"]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.wmt",
+                *args,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        last = err.strip().splitlines()[-1]
+        assert p.returncode == 1 and "is not a multiple of the 2 processes" in last, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

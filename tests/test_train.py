@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -213,6 +214,17 @@ def test_non_finite_steps_leave_the_state_unchanged(batches):
         jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+    # The schedule did not advance either: the next step reports the rate it applies.
+    with jax.set_mesh(mesh):
+        fresh, _ = train.create_state(model, optimizer, 0, mesh)
+        state = state.replace(params=fresh.params)
+        _, metrics = step(state, sharding.global_batch(mesh, batches[0]), np.float32(1))
+    schedule = train.learning_rate_schedule(
+        MODEL.d_model, TRAIN.warmup_steps, TRAIN.learning_rate_scale, TRAIN.lr_decay
+    )
+    assert int(metrics["nonfinite"]) == 0
+    np.testing.assert_allclose(metrics["learning_rate"], schedule(0), rtol=1e-6)
+    assert schedule(0) != schedule(1)
 
 
 def test_the_learning_rate_factor_scales_the_update(batches):
@@ -382,6 +394,48 @@ def test_a_workdir_of_another_model_is_refused(ding_sample, tmp_path):
     assert "resumed from step 2" in resumed.stdout
     model = json.loads((tmp_path / "config.json").read_text())["model"]
     assert model["dtype"] == "bfloat16" and model["remat"] is True
+
+
+def test_a_rerun_keeps_the_workdirs_record_unless_it_trains(ding_sample, tmp_path):
+    _wmt(*_tiny_args(ding_sample, tmp_path, 2))
+    results, config_json = tmp_path / "results.json", tmp_path / "config.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "test_sacrebleu": 1.5}))
+    # Nothing left to train and no final split: the earlier scores of step 2 stay.
+    _wmt(*_tiny_args(ding_sample, tmp_path, 2))
+    assert json.loads(results.read_text())["test_sacrebleu"] == 1.5
+    recorded = config_json.read_bytes()
+    # Another direction is another run.
+    args = [a.replace("=de-en", "=en-de") for a in _tiny_args(ding_sample, tmp_path, 4)]
+    result = _wmt(*args, check=False)
+    assert result.returncode == 1
+    assert "trained on other data (direction de-en -> en-de)" in result.stderr.splitlines()[-1]
+    # A run that cannot start (its checkpoint is gone) leaves the record as it was.
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "params")
+    result = _wmt(*_tiny_args(ding_sample, tmp_path, 4), check=False)
+    assert result.returncode == 1 and "checkpoints/2" in result.stderr.splitlines()[-1]
+    assert config_json.read_bytes() == recorded
+    assert json.loads(results.read_text())["test_sacrebleu"] == 1.5
+
+
+def test_init_from_is_checked_before_any_work_and_brings_its_vocabulary(ding_sample, tmp_path):
+    source, fresh = tmp_path / "source", tmp_path / "fresh"
+    _wmt(*_tiny_args(ding_sample, source, 2))
+    for flags, message in (
+        ([f"--init_from={tmp_path / 'nope'}"], "is not a training workdir"),
+        ([f"--init_from={source}", "--d_ff=96"], "trained a model of other shapes (d_ff"),
+    ):
+        result = _wmt(*_tiny_args(ding_sample, fresh, 2), *flags, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith("experiments.wmt: error: --init_from=") and message in lines[0]
+        assert not fresh.exists()  # refused before a vocabulary or a step was made
+    # A vocabulary sample of another size would train another vocabulary: the
+    # parameters index the source's, which the new workdir takes.
+    out = _wmt(
+        *_tiny_args(ding_sample, fresh, 2), f"--init_from={source}", "--vocab_sample_size=500"
+    )
+    assert (fresh / "vocab.model").read_bytes() == (source / "vocab.model").read_bytes()
+    assert f"initialized parameters from {source} step 2" in out.stdout
 
 
 def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):

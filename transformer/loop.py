@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from transformer import checkpoint, config, flops, metrics, record, sharding
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline
+from transformer.data.vocab import VOCAB_FILE
 from transformer.evaluation import Evaluator
 from transformer.progress import format_duration, say
 from transformer.train import (
@@ -53,6 +54,11 @@ from transformer.train import (
 # the device queue full (the next step is queued while one runs) and bound what
 # a save or a SIGTERM has to wait for, whatever the step time.
 MAX_IN_FLIGHT = 2
+
+# With several processes, what one process's clock or signal says is agreed on
+# every AGREE_EVERY steps, at the same steps everywhere: a save and a stop are
+# collective, and processes that decided apart would wait for each other forever.
+AGREE_EVERY = 10
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,12 +84,15 @@ def train_and_evaluate(setup: Setup) -> dict:
     Returns the final figures (also written to workdir/results.json).
     """
     config.check_batch_split(setup.data, setup.train)
+    if epath.Path(setup.workdir).exists() and not epath.Path(setup.workdir).is_dir():
+        raise config.ConfigError(f"{setup.workdir} is a file, not a folder; give a folder's path")
     sizes = sharding.parse_mesh(setup.mesh, jax.device_count())
     sharding.check_divisibility(sizes, setup.model, _packed_rows(setup.data))
     mesh = sharding.make_mesh(sizes)
+    _check_init_from(setup)
     setup = fit_recipe_to_host(setup, mesh)
     if jax.process_index() == 0:
-        record.write_config(setup.workdir, setup.configs())
+        record.check_config(setup.workdir, setup.configs())
         datasets.prepare(setup.data)
     multihost_utils.sync_global_devices("dataset prepared")
     data = pipeline.train_data(
@@ -104,6 +113,8 @@ def train_and_evaluate(setup: Setup) -> dict:
     peak, peak_source = flops.device_peak(setup.model.dtype)  # outside the mesh: one device
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, start = _resume(setup, program, mesh)
+        if jax.process_index() == 0:  # rewritten only once the run is known to start
+            record.write_config(setup.workdir, setup.configs())
         run = Run(
             setup=setup,
             mesh=mesh,
@@ -118,8 +129,61 @@ def train_and_evaluate(setup: Setup) -> dict:
         results = run.train(state, program.step, start)
         run.writer.close()
     if jax.process_index() == 0:
-        (epath.Path(setup.workdir) / "results.json").write_text(json.dumps(results, indent=2))
+        _write_results(setup.workdir, results)
     return results
+
+
+def _write_results(workdir: str, results: dict) -> None:
+    """workdir/results.json. Figures of the same step that this run did not
+    compute (a rerun with no final evaluation) are kept from the earlier file."""
+    path = epath.Path(workdir) / "results.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        earlier = {}
+    if isinstance(earlier, dict) and earlier.get("step") == results["step"]:
+        results = {**earlier, **results}
+    path.write_text(json.dumps(results, indent=2))
+
+
+def _check_init_from(setup: Setup) -> None:
+    """--init_from, checked before any work where it will be used (this workdir
+    has no checkpoint yet): a training workdir with a checkpoint, of a model
+    with the same shapes. Its vocabulary is the one its parameters index, so it
+    becomes this workdir's (process 0 copies it); another one already here is
+    refused."""
+    if not setup.init_from or record.checkpoint_steps(setup.workdir):
+        return
+    flag = f"--init_from={setup.init_from}"
+    try:
+        source = record.read_configs(setup.init_from).model
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{flag}: {e}") from None
+    if not record.checkpoint_steps(setup.init_from):
+        raise checkpoint.CheckpointError(f"{flag} has no checkpoint to start from")
+    differ = [
+        f"{name} {getattr(source, name)} there, {getattr(setup.model, name)} here"
+        for name in record.SHAPE_FIELDS
+        if getattr(source, name) != getattr(setup.model, name)
+    ]
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"{flag} trained a model of other shapes ({'; '.join(differ)}); give its model flags"
+        )
+    theirs = epath.Path(setup.init_from) / VOCAB_FILE
+    mine = epath.Path(setup.workdir) / VOCAB_FILE
+    if mine.exists():
+        if mine.read_bytes() != theirs.read_bytes():
+            raise checkpoint.CheckpointError(
+                f"{setup.workdir} has a vocabulary other than that of {flag}, whose "
+                "parameters index its own; use a new --workdir"
+            )
+    elif jax.process_index() == 0:
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        partial = mine.parent / f".{VOCAB_FILE}.init_from"
+        partial.write_bytes(theirs.read_bytes())
+        partial.rename(mine)
+        say(f"vocabulary: {theirs}, which {flag}'s parameters were trained with")
 
 
 def _packed_rows(data: DataConfig) -> int:
@@ -235,7 +299,7 @@ class Run:
         place = sharding.batch_placer(self.mesh)
         batch = place(next(iterator))
         try:
-            while step < cfg.steps and not preemption.requested:
+            while step < cfg.steps and not preemption.stop:
                 left = clock.minutes_left(step)
                 if left is not None and left <= 0:
                     say(f"time budget of {cfg.train_minutes:g} minutes used at step {step}")
@@ -255,6 +319,11 @@ class Run:
                 if len(in_flight) > MAX_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                     preemption.completed = step - len(in_flight)
+                if jax.process_count() > 1 and step % AGREE_EVERY == 0:
+                    local = np.array([preemption.requested, saver.time_due()], np.int32)
+                    agreed = multihost_utils.process_allgather(local)  # [processes, 2]
+                    preemption.agreed = bool(agreed[:, 0].any())  # a signal anywhere
+                    saver.agreed_time_due = bool(agreed[0, 1])  # process 0's clock
                 if step % cfg.log_every == 0:
                     progress.report(step, clock.minutes_left(step))
                 if cfg.eval_every and step % cfg.eval_every == 0:
@@ -274,12 +343,13 @@ class Run:
                 "or use --nan_policy=skip"
             ) from None
         finally:
+            preemption.close()
             iterator.close()  # stops grain's worker processes, if any
         if step != saver.saved_step:
             saver.save(step, state, clock.training_seconds())
         saver.close()
         train_minutes = clock.training_seconds() / 60
-        if preemption.requested:
+        if preemption.stop:
             return {"step": step, "preempted": True, "train_minutes": train_minutes}
         results = {"step": step, "train_minutes": train_minutes}
         results.update(self.evaluator.final(state.params))
@@ -346,11 +416,20 @@ class Saver:
         self.train = setup.train
         self.mngr = checkpoint.manager(setup.workdir, self.train.keep_checkpoints)
         self.saved_step, self.last_save = start_step, time.monotonic()
+        self.agreed_time_due = False  # several processes: set by the loop (AGREE_EVERY)
+
+    def time_due(self) -> bool:
+        """Whether checkpoint_minutes have passed since the last save, by this clock."""
+        minutes = self.train.checkpoint_minutes
+        return bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
 
     def due(self, step: int) -> bool:
-        every, minutes = self.train.checkpoint_every, self.train.checkpoint_minutes
+        every = self.train.checkpoint_every
         by_steps = every and step % every == 0
-        by_time = minutes and time.monotonic() - self.last_save >= 60 * minutes
+        if jax.process_count() > 1:  # process 0's clock, as agreed
+            by_time, self.agreed_time_due = self.agreed_time_due, False
+        else:
+            by_time = self.time_due()
         return bool(by_steps or by_time)
 
     def save(self, step: int, state: TrainState, train_seconds: float) -> None:
@@ -370,21 +449,45 @@ class Saver:
 
 
 class Preemption:
-    """Turns SIGTERM (a spot VM's preemption notice) into a flag the loop checks.
+    """Turns SIGTERM (a spot VM's preemption notice) and a first Ctrl-C (SIGINT)
+    into a flag the loop checks: it saves a checkpoint and stops. A second
+    Ctrl-C stops at once, unsaved, as does one after the loop (`close`).
 
     `completed` is the last step the devices have finished, kept up to date by
     the loop; with at most MAX_IN_FLIGHT steps queued behind it, the checkpoint
-    saved after a signal is at most MAX_IN_FLIGHT + 1 steps later.
+    saved after a signal is at most MAX_IN_FLIGHT + 1 steps later. With several
+    processes all stop at the next step they agree at (AGREE_EVERY), whichever
+    of them was signalled.
     """
 
     def __init__(self, completed: int):
         self.requested, self.completed = False, completed
-        if threading.current_thread() is threading.main_thread():
+        self.agreed = False  # several processes: set by the loop (AGREE_EVERY)
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
             signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        say(f"SIGTERM received after step {self.completed}: saving a checkpoint and stopping")
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            again = " (Ctrl-C again: stop at once, unsaved)"
+        else:
+            again = ""
+        name = signal.Signals(signum).name
+        say(f"{name} received after step {self.completed}: saving a checkpoint and stopping{again}")
         self.requested = True
+
+    @property
+    def stop(self) -> bool:
+        """Whether the loop stops: this process's signal, or with several
+        processes one that any of them received, as last agreed."""
+        return self.agreed if jax.process_count() > 1 else self.requested
+
+    def close(self) -> None:
+        """After the loop: Ctrl-C interrupts again (the final evaluation, say)."""
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ----------------------------------------------------------------------------

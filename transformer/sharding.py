@@ -94,6 +94,14 @@ def check_divisibility(sizes: dict[str, int], model: ModelConfig, batch_rows: in
             raise ConfigError(
                 f"{what} ({value}) is not divisible by the {axes} mesh size ({parts})"
             )
+    rows, processes = sizes["data"] * sizes["fsdp"], jax.process_count()
+    if rows % processes:
+        # Each process reads its own rows of a batch (transformer/data/pipeline.py).
+        raise ConfigError(
+            f"the data x fsdp mesh size ({rows}) is not a multiple of the {processes} "
+            "processes, which each read their own rows; keep tensor parallelism within a "
+            "host's devices"
+        )
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:

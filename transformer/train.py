@@ -226,6 +226,7 @@ def train_step(
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     schedule = _schedule(model.config, train)
+    applied = _schedule_count(state.opt_state, state.step)  # behind step after a skipped one
     metrics = {
         "loss": sums["loss"] / tokens,
         "nll": sums["nll"] / tokens,
@@ -233,7 +234,7 @@ def train_step(
         "target_tokens": sums["tokens"],
         "source_tokens": sums["source_tokens"],
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step) * lr_factor,
+        "learning_rate": schedule(applied) * lr_factor,
         "nonfinite": (~finite).astype(jnp.int32),
     }
     new_state = state.replace(
@@ -242,6 +243,14 @@ def train_step(
         opt_state=keep(opt_state, state.opt_state),
     )
     return new_state, metrics
+
+
+def _schedule_count(opt_state, default: jax.Array) -> jax.Array:
+    """The step count optax's schedule is at: the updates applied, which a
+    skipped (non-finite) step does not advance."""
+    states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+    counts = [s.count for s in states if isinstance(s, optax.ScaleByScheduleState)]
+    return counts[0] if counts else default
 
 
 def jit_train_step(model, optimizer, train: TrainConfig, mesh, state_shardings):
