@@ -66,7 +66,9 @@ def test_invalid_train_config_names_the_setting(changes, named):
     "changes, named",
     [
         ({"beam_size": 0}, "beam_size must be a positive integer"),
-        ({"length_penalty": -0.1}, "length_penalty must be >= 0"),
+        ({"length_penalty": -0.1}, "length_penalty must be a finite number >= 0"),
+        ({"length_penalty": float("inf")}, "length_penalty must be a finite number >= 0"),
+        ({"length_penalty": "0.6"}, "length_penalty must be a finite number >= 0"),  # by hand
         ({"max_extra": 0}, "max_extra must be a positive integer"),
         ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
         ({"mbr": 1}, "from 2 to beam_size=4"),
@@ -78,7 +80,8 @@ def test_invalid_train_config_names_the_setting(changes, named):
             {"mbr": 2, "mbr_samples": 1, "mbr_sample_candidates": True},
             "mbr_sample_candidates needs mbr_samples >= 2",
         ),
-        ({"mbr_beta": 0.0}, "mbr_beta must be > 0"),
+        ({"mbr_beta": 0.0}, "mbr_beta must be a finite number > 0"),
+        ({"mbr_beta": float("nan")}, "mbr_beta must be a finite number > 0"),
         ({"mbr_utility": "bleu"}, "mbr_utility must be one of 'chrf', 'chrf\\+\\+'"),
     ],
 )

@@ -12,6 +12,7 @@ names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -46,21 +47,26 @@ def non_negative(value) -> str | None:
     return None if ok else "must be an integer >= 0"
 
 
+def _real(value) -> bool:
+    """A finite number (not a bool, a string from a hand-edited config, inf or nan)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def at_least_zero(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
+    return None if _real(value) and value >= 0 else "must be a finite number >= 0"
 
 
 def above_zero(value) -> str | None:
-    return None if value > 0 else "must be > 0"
+    return None if _real(value) and value > 0 else "must be a finite number > 0"
 
 
 def fraction(value) -> str | None:
     """[0, 1): dropout rates, label smoothing, Adam's betas."""
-    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+    return None if _real(value) and 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
 def probability(value) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+    return None if _real(value) and 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
 
 def setting(default, help: str, *, check: Check | None = None, choices: tuple = ()):
