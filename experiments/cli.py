@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from transformer.checkpoint import CheckpointError
+from transformer.checkpoint import CHECKPOINTS, CheckpointError
 from transformer.config import ConfigError
 from transformer.data import DataError
+from transformer.data.vocab import VOCAB_FILE
+from transformer.record import CONFIG_FILE
 
 
 class UserError(Exception):
@@ -37,7 +39,7 @@ def decode_line(raw: bytes, first: bool = False) -> tuple[str, bool]:
 
 
 # What a training workdir holds of its own (transformer/record.py): never an output.
-WORKDIR_FILES = ("config.json", "vocab.model", "results.json", "metrics.jsonl")
+WORKDIR_FILES = (CONFIG_FILE, VOCAB_FILE, "results.json", "metrics.jsonl")
 
 
 def workdir_part(path: str) -> str | None:
@@ -45,11 +47,11 @@ def workdir_part(path: str) -> str | None:
     own files, or anything in its checkpoints folder."""
     real = os.path.realpath(path)
     parent, name = os.path.split(real)
-    if name in WORKDIR_FILES and os.path.isfile(os.path.join(parent, "config.json")):
+    if name in WORKDIR_FILES and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
         return f"{parent}'s {name}"
     while real != os.path.dirname(real):
         above, folder = os.path.split(real)
-        if folder == "checkpoints" and os.path.isfile(os.path.join(above, "config.json")):
+        if folder == CHECKPOINTS and os.path.isfile(os.path.join(above, CONFIG_FILE)):
             return f"the checkpoints of {above}"
         real = above
     return None

@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 
 from transformer import checkpoint, config, flops, metrics, record, sharding
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
-from transformer.data import datasets, pipeline
+from transformer.data import datasets, pipeline, vocab
 from transformer.data.vocab import VOCAB_FILE
 from transformer.evaluation import Evaluator
 from transformer.progress import format_duration, say
@@ -179,10 +179,7 @@ def _check_init_from(setup: Setup) -> None:
                 "parameters index its own; use a new --workdir"
             )
     elif jax.process_index() == 0:
-        mine.parent.mkdir(parents=True, exist_ok=True)
-        partial = mine.parent / f".{VOCAB_FILE}.init_from"
-        partial.write_bytes(theirs.read_bytes())
-        partial.rename(mine)
+        vocab.install(mine, theirs.read_bytes())
         say(f"vocabulary: {theirs}, which {flag}'s parameters were trained with")
 
 

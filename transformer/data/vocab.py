@@ -175,6 +175,15 @@ def _follow_rounds(read_end: int, vocab_size: int) -> None:
         meter.finish()
 
 
+def install(path: epath.Path, proto: bytes) -> None:
+    """Writes a vocabulary's bytes to `path` under a temporary name, then renames:
+    a process waiting for the file never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(proto)
+    tmp.rename(path)
+
+
 def load_or_train(
     path: str | os.PathLike,
     texts: Callable[[], Iterable[str]],
@@ -193,10 +202,7 @@ def load_or_train(
         if is_chief:
             start = time.monotonic()
             vocab = train(texts(), vocab_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-            tmp.write_bytes(vocab.proto)
-            tmp.rename(path)
+            install(path, vocab.proto)
             say(
                 f"vocabulary of {vocab_size} pieces written to {path} in "
                 f"{format_duration(time.monotonic() - start)}"
