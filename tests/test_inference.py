@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -731,8 +732,27 @@ def test_bleu_functions_agree_with_sacrebleu():
     assert metrics.chrf(refs, refs)[0] == pytest.approx(100.0)
     # Paper-style: compound hyphens split into separate tokens before scoring.
     assert metrics.split_compounds("a well-known rule") == "a well ##AT##-##AT## known rule"
-    # Chains split at every hyphen, and the markers' own hyphens are not split again.
-    assert metrics.split_compounds("x-y-z") == "x ##AT##-##AT## y ##AT##-##AT## z"
+    # As t2t's perl substitution: a match takes the characters either side, so
+    # in a chain the hyphen after a split one is not split.
+    assert metrics.split_compounds("x-y-z") == "x ##AT##-##AT## y-z"
     assert metrics.split_compounds("a - b --") == "a - b --"
     assert metrics.paper_bleu(refs, refs, "en") == pytest.approx(100.0)
     assert metrics.paper_bleu(hyps, refs, "en") < 100.0
+    # Unsmoothed, as multi-bleu.perl: no 4-gram in common scores 0.
+    assert metrics.paper_bleu(["a b c d e"], ["a b c x e"], "en") == 0.0
+    assert metrics.sacre_bleu(["a b c d e"], ["a b c x e"])[0] > 0.0
+
+
+def test_compound_splitting_is_tensor2tensors_perl_substitution():
+    """split_compounds against the very perl command of t2t's get_ende_bleu.sh
+    (perl is part of every Debian system)."""
+    lines = [
+        "x-y-z", "x-y-z-w", "a--b", "--", "a - b --", "e-mail-Adresse", "-a", "a-", "Rock-'n'-Roll",
+        "well-known rich-text format", "##AT##-##AT##", "Nord-Süd-Gefälle 2-3",
+    ]  # fmt: skip
+    perl = subprocess.run(
+        ["perl", "-ple", r"s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, check=True,
+        env={**os.environ, "PERL_UNICODE": "SDA"},
+    )  # fmt: skip
+    assert perl.stdout.splitlines() == [metrics.split_compounds(line) for line in lines]

@@ -19,7 +19,8 @@ import sacrebleu
 from etils import epath
 from sacremoses import MosesTokenizer
 
-_COMPOUND = re.compile(r"(?<=\S)-(?=\S)")
+# tensor2tensor's get_ende_bleu.sh: perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g'.
+_COMPOUND = re.compile(r"(\S)-(\S)")
 
 
 def sacre_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
@@ -36,20 +37,33 @@ def chrf(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
 
 
 def split_compounds(tokenized: str) -> str:
-    """'Wort-Spiel' -> 'Wort ##AT##-##AT## Spiel': every hyphen joining two tokens, one pass."""
-    return _COMPOUND.sub(" ##AT##-##AT## ", tokenized)
+    """'Wort-Spiel' -> 'Wort ##AT##-##AT## Spiel', exactly as tensor2tensor's script.
+
+    Its one left-to-right pass takes the characters either side of a hyphen
+    into the match, so a character is never the end of two matches: in
+    'x-y-z' only the first hyphen is split ('x ##AT##-##AT## y-z'), and 'a--b'
+    becomes 'a ##AT##-##AT## -b'. Python's re.sub scans the same way.
+    """
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", tokenized)
 
 
 def paper_bleu(hypotheses: list[str], references: list[str], lang: str) -> float:
-    """BLEU on Moses-tokenized, compound-split text (the paper's figure; not sacreBLEU)."""
+    """BLEU on Moses-tokenized, compound-split text (the paper's figure; not sacreBLEU).
+
+    As tensor2tensor's get_ende_bleu.sh: tokenizer.perl's defaults (its
+    escaping of & ' " < > | [ ] included), then `split_compounds`, then BLEU
+    on the whitespace-separated tokens, unsmoothed (multi-bleu.perl's: 0 when
+    some n-gram order has no match).
+    """
     tokenizer = MosesTokenizer(lang=lang)
 
     def prepare(text: str) -> str:
-        return split_compounds(tokenizer.tokenize(text, return_str=True, escape=False))
+        return split_compounds(tokenizer.tokenize(text, return_str=True, escape=True))
 
     hyps = [prepare(h) for h in hypotheses]
     refs = [prepare(r) for r in references]
-    return sacrebleu.BLEU(tokenize="none", force=True).corpus_score(hyps, [refs]).score
+    bleu = sacrebleu.BLEU(tokenize="none", smooth_method="none", force=True)
+    return bleu.corpus_score(hyps, [refs]).score
 
 
 def evaluate_translations(hypotheses: list[str], references: list[str], lang: str) -> dict:
