@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_training_args
 
-from transformer import record, trained
+from transformer import checkpoint, record, trained
 
 
 def _env() -> dict:
@@ -196,7 +196,7 @@ def _array_files(step_dir) -> list[str]:
     return sorted(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "alter"])
+@pytest.mark.parametrize("damage", ["truncate", "alter", "no_manifest", "empty"])
 def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
     ding_sample, uninterrupted, tmp_path, damage
 ):
@@ -207,6 +207,11 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
     data = open(target, "rb").read()
     if damage == "truncate":
         open(target, "wb").write(data[: len(data) // 2])
+    elif damage == "no_manifest":
+        os.remove(latest / "params" / "manifest.ocdbt")
+    elif damage == "empty":  # a folder under a step's name that orbax did not write
+        shutil.rmtree(latest)
+        latest.mkdir()
     else:
         middle = len(data) // 2
         open(target, "wb").write(
@@ -216,12 +221,46 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
         )
     before = sorted(os.listdir(workdir / "checkpoints"))
     args = [*tiny_training_args(ding_sample, workdir, 28)]
-    line = _one_line_error(run_module("experiments.wmt", *args, check=False))
+    result = run_module("experiments.wmt", *args, check=False)
+    line = _one_line_error(result)
     assert str(latest) in line and "--fallback_checkpoint" in line
+    assert "tensorstore_spec" not in line and "driver" not in line  # no TensorStore dump
+    if damage == "empty":
+        assert "is incomplete: it has no " in line
+        assert "_CHECKPOINT_METADATA" not in result.stderr.decode()  # orbax's warnings
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
     result = run_module("experiments.wmt", *args, "--fallback_checkpoint")
     assert "resumed from step 20" in result.stdout.decode()
     assert latest.exists() or _steps(workdir)[-1] == 28
+
+
+@pytest.mark.parametrize(
+    "failed_on, outcome",
+    [((1, 1), "unreadable"), ((0, 0), "readable"), ((1, 0), "split"), (None, "peer gone")],
+)
+def test_processes_agree_before_a_checkpoint_is_called_unreadable(monkeypatch, failed_on, outcome):
+    """What two processes made of one checkpoint, as `process_allgather` returns it
+    (a checkpoint unreadable on one host only, or a peer gone, cannot be staged with
+    one shared folder): only a checkpoint unreadable everywhere is passed over."""
+
+    def allgather(flag):
+        if failed_on is None:
+            raise RuntimeError("Gloo AllGather failed: Connection closed by peer")
+        return np.asarray(failed_on, np.int32)
+
+    monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", allgather)
+    mine = checkpoint.CheckpointError("checkpoint /w/checkpoints/6 is incomplete") if (
+        failed_on is None or failed_on[0]
+    ) else None  # fmt: skip
+    if outcome in ("unreadable", "readable"):
+        assert checkpoint._unreadable_everywhere("/w/checkpoints/6", mine) is mine
+        return
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        checkpoint._unreadable_everywhere("/w/checkpoints/6", mine)
+    if outcome == "split":
+        assert "unreadable on 1 of 2 processes only" in str(raised.value)
+    else:
+        assert raised.value is mine
 
 
 # ----------------------------------------------------------------------------

@@ -102,8 +102,14 @@ def test_two_processes_equal_one_process_and_resume(ding_sample, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     _train_two_processes([*tiny_training_args(ding_sample, multi, 4), *shared])  # saves step 4
-    outputs = _train_two_processes([*tiny_training_args(ding_sample, multi, 8), *shared])
+    # A newest step folder that orbax did not write: both processes pass over it
+    # to step 4, and one of them moves it aside.
+    (multi / "checkpoints" / "6").mkdir()
+    outputs = _train_two_processes(
+        [*tiny_training_args(ding_sample, multi, 8), *shared, "--fallback_checkpoint"]
+    )
     assert "resumed from step 4" in outputs[0]
+    assert (multi / "checkpoints" / "6.unreadable").is_dir()
     # Only process 0 speaks. Gloo's own connection messages aside: its threads
     # write them piecewise to the same stdout, so two of them can interleave and
     # leave a line like "7"; what remains without their fragments is digits.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
@@ -47,10 +49,23 @@ def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINTS
 
 
+class _NoMissingMetadataWarning(pylogging.Filter):
+    """Drops orbax's "Metadata file does not exist" warning, which it logs from several
+    threads for a step folder it did not finish (empty, or copied in part): `restore`
+    names such a checkpoint in one line, and the warnings would come before it."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+_NO_MISSING_METADATA_WARNING = _NoMissingMetadataWarning()
+
+
 def manager(
     workdir, keep: int | None = None, *, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """The workdir's CheckpointManager; keeps the last `keep` checkpoints."""
+    logging.get_absl_logger().addFilter(_NO_MISSING_METADATA_WARNING)  # added once
     # Reading only: nothing is created or cleaned up. (Orbax's own read_only
     # option does the same but warns twice on every use.)
     options = ocp.CheckpointManagerOptions(
@@ -154,15 +169,14 @@ def restore(
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     path = mngr.directory / str(step)
+    missing = [name for name in items if not (path / name).exists()]
+    if missing:  # an empty or partial folder under a step's name, not orbax's work
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
     try:
         with _stderr_held_back():
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-        reason = " ".join(str(e).split())
-        # TensorStore appends a dump of its spec (hundreds of characters, no help).
-        reason = re.split(r"\s*See full TensorStore details|\s*<bound method", reason)[0]
-        reason = reason[:300].rstrip(". ")
-        raise CheckpointError(f"checkpoint {path} cannot be restored: {reason}") from e
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {_tensorstore(e)}") from e
     _check_shapes(path, abstract_params, restored["params"])
     expected = restored["meta"].get("fingerprint")
     if expected is not None and fingerprint(restored["params"]) != list(expected):
@@ -171,6 +185,17 @@ def restore(
             "written with them (a file was altered or damaged)"
         )
     return Restored(step, restored["params"], restored.get("opt_state"), restored["meta"])
+
+
+def _tensorstore(error: Exception) -> str:
+    """A TensorStore/orbax error's message without its dumps: TensorStore appends its
+    spec (hundreds of characters) and nests 'Error opening "<driver>" driver: '."""
+    reason = " ".join(str(error).split())
+    reason = re.split(
+        r"\s*See full TensorStore details|\s*<bound method|\s*\[tensorstore_spec", reason
+    )[0]
+    reason = re.sub(r'Error opening "[\w.]+" driver: ', "", reason)
+    return reason[:300].rstrip(". ")
 
 
 @contextlib.contextmanager
@@ -229,7 +254,7 @@ def restore_latest(
     steps = sorted(mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         try:
-            return restore(mngr, step, abstract_params, abstract_opt_state)
+            restored, error = restore(mngr, step, abstract_params, abstract_opt_state), None
         except CheckpointError as e:
             if not fallback:
                 hint = (
@@ -238,13 +263,53 @@ def restore_latest(
                     else ""
                 )
                 raise CheckpointError(f"{e}{hint}") from e
-            # Proven unreadable: moved aside (not deleted) so that this run can write
-            # its step again, and kept for inspection.
-            bad = mngr.directory / str(step)
-            aside = mngr.directory / f"{step}.unreadable"
-            if bad.exists() and not aside.exists():
-                bad.rename(aside)
-            logging.warning("%s; moved to %s, trying the previous checkpoint", e, aside)
+            restored, error = None, e
+        if fallback and jax.process_count() > 1:
+            error = _unreadable_everywhere(mngr.directory / str(step), error)
+        if error is None:
+            return restored
+        # Proven unreadable: moved aside (not deleted) so that this run can write
+        # its step again, and kept for inspection; by one process of several.
+        if jax.process_index() == 0:
+            _move_aside(mngr.directory / str(step), error)
     if steps:
         raise CheckpointError(f"no readable checkpoint in {mngr.directory}")
     return None
+
+
+def _unreadable_everywhere(path, error: CheckpointError | None) -> CheckpointError | None:
+    """With several processes, what each made of a checkpoint, agreed: the error if
+    every process failed to read it, None if every one read it.
+
+    A process whose peer stopped for another reason fails the restore's collectives
+    too; that is not the checkpoint's fault, and the failed agreement (or a split
+    verdict) is then an error that moves nothing aside.
+    """
+    try:
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+    except Exception as e:  # noqa: BLE001 - a peer is gone
+        raise (
+            error or CheckpointError(f"checkpoint {path}: the processes stopped agreeing")
+        ) from e
+    if failed.all():
+        return error or CheckpointError(f"checkpoint {path} is unreadable on the other processes")
+    if not failed.any():
+        return None
+    raise CheckpointError(
+        f"checkpoint {path} is unreadable on {int(failed.sum())} of {failed.size} processes "
+        "only; every host must see the same files (a shared --workdir)"
+    )
+
+
+def _move_aside(bad: epath.Path, error: CheckpointError) -> None:
+    """Renames an unreadable step folder to <step>.unreadable (.2, .3, ... if taken)."""
+    aside, n = bad.parent / f"{bad.name}.unreadable", 1
+    while aside.exists():
+        n += 1
+        aside = bad.parent / f"{bad.name}.unreadable.{n}"
+    try:
+        bad.rename(aside)
+    except OSError as moving:
+        logging.warning("%s; could not move it aside (%s), trying the previous one", error, moving)
+        return
+    logging.warning("%s; moved to %s, trying the previous checkpoint", error, aside)
