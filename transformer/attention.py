@@ -216,11 +216,12 @@ def cached_self_attention(
 def fused_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    """The same computation through jax.nn.dot_product_attention.
+    """The same computation through jax.nn.dot_product_attention (on GPU).
 
-    It picks a fused kernel where the backend has one (cuDNN flash attention on
-    GPU) and otherwise lowers to the einsum form. It needs d_k == d_v and
-    cannot return weights or apply attention dropout.
+    With no `implementation` named, jax (0.10) lowers it to XLA's own attention
+    on every backend; cuDNN's fused kernel is used only when named, which needs
+    a GPU to be measured and checked (packed rows' masks included) and has not
+    been. It needs d_k == d_v and cannot return weights or apply attention dropout.
     """
     if mask is not None:
         mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
@@ -389,8 +390,8 @@ class MultiHeadAttention(nn.Module):
         query = query.reshape(key.shape[0], group * length, *query.shape[2:])
         needs_weights = self.is_mutable_collection("intermediates")
         uses_dropout = self.config.attention_dropout > 0 and not deterministic
-        # The fused kernel pays only where there is one (cuDNN); elsewhere our einsums
-        # also keep the backward matmuls in the compute dtype (transformer/matmul.py).
+        # jax's attention on GPU only (see fused_attention); elsewhere our einsums,
+        # which keep the backward matmuls in the compute dtype (transformer/matmul.py).
         fused = jax.default_backend() == "gpu" and key.shape[-1] == value.shape[-1]
         if needs_weights or uses_dropout or heads_major or not fused:
             out, weights = dot_product_attention(
