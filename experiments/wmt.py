@@ -59,22 +59,40 @@ def build_configs() -> tuple[
 
 
 def initialize_distributed() -> None:
-    """jax.distributed.initialize() where several processes take part."""
+    """jax.distributed.initialize() where several processes take part: those the
+    flags name, or the hosts of a Cloud TPU slice, which jax finds by itself."""
     import jax
 
-    if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-        if (
-            jax.config.jax_platforms in (None, "", "cpu")
-            or os.environ.get("JAX_PLATFORMS") == "cpu"
-        ):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = bool(_NUM_PROCESSES.value and _NUM_PROCESSES.value > 1)
+    if not (explicit or _on_cloud_tpu_vm()):
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize()  # a Cloud TPU pod slice: everything comes from the VM
+        return
+    # A TPU VM's hosts learn their slice from its metadata server (GKE's from the
+    # environment). A VM whose metadata describes no slice (a Colab TPU runtime)
+    # gives nothing to detect: one process, as without TPUs.
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:  # jax detected no cluster
+        logging.info("no TPU slice to join (%s): one process", e)
+    except (OSError, RuntimeError) as e:  # the metadata server did not answer
+        logging.warning("no TPU slice found (%s): one process", " ".join(str(e).split())[:300])
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """Whether jax found TPU chips and libtpu when it was imported (it then sets the
+    TPU VM up). No public API says so before the backends start, which must come
+    after jax.distributed.initialize()."""
+    from jax._src import cloud_tpu_init
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
 def _resolve_dtype(model: config.ModelConfig) -> config.ModelConfig:

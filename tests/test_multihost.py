@@ -5,12 +5,15 @@ collectives over gloo), each reads its own share of every batch, process 0
 writes the logs, and orbax saves and restores the checkpoint across both.
 """
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -63,7 +66,11 @@ def _start_two_processes(args: list[str], devices: int = 4) -> list[subprocess.P
 
 
 def _train_two_processes(args: list[str]) -> list[str]:
-    procs = _start_two_processes(args)
+    return _outputs(_start_two_processes(args))
+
+
+def _outputs(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's stdout, once all have ended with exit code 0."""
     outputs = []
     for p in procs:
         try:
@@ -182,3 +189,82 @@ def test_a_mesh_whose_rows_do_not_split_over_the_processes_is_refused(ding_sampl
     assert "is not a multiple of the 2 processes" in errors[0].strip().splitlines()[-1]
     assert "is not a multiple of the 2 processes" in errors[1], errors[1][-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """A TPU VM's metadata server, as far as jax's cluster detection reads it."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        value = self.server.attributes.get(self.path.rsplit("/", 1)[-1])
+        if value is None or self.headers.get("Metadata-Flavor") != "Google":
+            self.send_error(404)
+            return
+        body = value.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _tpu_vm_metadata(workers: int):
+    """One metadata server per worker of a slice whose workers are all this host;
+    workers=0: one server that describes no slice (as on a Colab TPU runtime)."""
+    servers = []
+    for worker in range(max(workers, 1)):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+        endpoints = ",".join(f"w-{i}:{i}:127.0.0.1" for i in range(workers))
+        server.attributes = {
+            "agent-worker-number": str(worker),
+            "worker-network-endpoints": endpoints,
+            "tpu-env": "",
+        } if workers else {}  # fmt: skip
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        yield [f"127.0.0.1:{server.server_address[1]}" for server in servers]
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+@pytest.mark.parametrize("workers", [2, 1, 0])
+def test_the_hosts_of_a_cloud_tpu_slice_find_each_other(ding_sample, tmp_path, workers):
+    """On a TPU VM made by `gcloud compute tpus tpu-vm create`, each host learns its
+    place in the slice from the VM's metadata server, not from flags or GKE's
+    environment. Here the TPU chips are what cannot exist: jax is told to take
+    this host for a TPU VM (JAX_FORCE_TPU_INIT, which also tells it to skip the
+    metadata server, undone before the run), and local servers answer for it.
+    One host (v4-8) and a VM that describes no slice (Colab) run one process."""
+    workdir = tmp_path / "slice"
+    run = (
+        "import os, runpy, jax; os.environ.pop('TPU_SKIP_MDS_QUERY', None); "
+        "runpy.run_module('experiments.wmt', run_name='__main__', alter_sys=True)"
+    )
+    port = _free_port()
+    with _tpu_vm_metadata(workers) as endpoints:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", run, *tiny_training_args(ding_sample, workdir, 4)],
+                env=dict(
+                    _env(4),
+                    JAX_FORCE_TPU_INIT="1",
+                    GCE_METADATA_IP=endpoint,
+                    JAX_COORDINATOR_PORT=str(port),
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for endpoint in endpoints
+        ]
+        outputs = _outputs(procs)
+    # One run: process 0 speaks, another does not, and each step is logged once.
+    assert "first step compiled" in outputs[0]
+    for other in outputs[1:]:
+        assert re.fullmatch(r"[\d\s]*", re.sub(_GLOO_FRAGMENTS, "", other)), other
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
