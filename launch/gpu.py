@@ -27,6 +27,7 @@ COMMANDS = ("create", "setup", "train", "up", "logs", "status", "stop", "start",
 # A Deep Learning VM image with the NVIDIA driver installed (CUDA comes from the jax wheels).
 IMAGE_FAMILY = "common-cu128-ubuntu-2204-nvidia-570"
 IMAGE_PROJECT = "deeplearning-platform-release"
+SSH_TRIES = 40  # `up` gives a new VM 10 minutes (at --poll_seconds=15) to answer ssh
 _GPU = re.compile(r"^(nvidia-[a-z0-9-]+):(\d+)$")
 
 
@@ -42,6 +43,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image_family", default=IMAGE_FAMILY, help="Boot image family.")
     parser.add_argument("--image_project", default=IMAGE_PROJECT, help="Its project.")
     parser.add_argument("--disk_gb", type=int, default=200, help="Boot disk size in GB.")
+    parser.add_argument(
+        "--poll_seconds", type=float, default=15, help="up: seconds between ssh tries of a new VM."
+    )
     return parser.parse_args(argv)
 
 
@@ -149,6 +153,8 @@ def main(argv: list[str]) -> None:
     runner = Runner(flags.dry_run)
     if command in ("create", "up"):
         runner.run(vm.create())
+    if command == "up":  # the VM boots (and installs its driver) after create returns
+        remote.wait_for_ssh(vm.remote(), runner, SSH_TRIES, flags.poll_seconds)
     if command == "start":
         runner.run(vm.start())
     if command in ("setup", "up"):

@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,17 @@ STARTUP_CHECK_SECONDS = 20
 # Seconds `stop` waits for the checkpoint after SIGTERM; a big model to GCS takes a while.
 STOP_WAIT_SECONDS = 600
 
-_RUNNING = f'[ -f "{PID}" ] && kill -0 "$(cat "{PID}")" 2>/dev/null'
+# A PID file survives a stop and start of the VM, and PIDs are reused: the process
+# it names must be a training run.
+_RUNNING = f'[ -f "{PID}" ] && grep -qa experiments.wmt "/proc/$(cat "{PID}")/cmdline" 2>/dev/null'
+# Setup's last step: the versions, and what jax runs on. The CPU alone means the
+# accelerator's runtime (libtpu, the NVIDIA driver) is not usable yet.
+ACCELERATOR_CHECK = (
+    "import sys, jax, transformer; backend = jax.default_backend(); "
+    "print(sys.version.split()[0], jax.__version__, backend, jax.device_count()); "
+    'sys.exit("jax finds no accelerator here, only the CPU (a GPU VM may still be installing '
+    'its driver: run setup again in a few minutes)" if backend == "cpu" else 0)'
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +102,8 @@ def setup_script(extra: str, python: str, repo: str | None, ref: str | None) -> 
         f'"{VENV}"',
         'constraints=""; if [ -f constraints.txt ]; then constraints="-c constraints.txt"; fi',
         f'"{VENV}/bin/pip" install --quiet $constraints {install}',
-        'printf "installed on %s: python, jax " "$(hostname)"',
-        f'"{VENV}/bin/python" -c "import sys, jax, transformer; '
-        'print(sys.version.split()[0], jax.__version__)"',
+        'printf "installed on %s: python, jax, backend, devices: " "$(hostname)"',
+        f'"{VENV}/bin/python" -c {shlex.quote(ACCELERATOR_CHECK)}',
     ]
     return "; ".join(steps)
 
@@ -200,6 +210,19 @@ def setup(remote: Remote, runner: Runner, python: str, repo: str | None, ref: st
             )
             runner.run(remote.scp(archive, ARCHIVE))
     runner.run(remote.ssh(setup_script(remote.extra, python, repo, ref), "all"))
+
+
+def wait_for_ssh(remote: Remote, runner: Runner, attempts: int, pause_seconds: float) -> None:
+    """Until a new VM answers ssh: it may still be booting when `create` returns."""
+    for attempt in range(1, attempts + 1):
+        if runner.succeeds(remote.ssh("true", "all")):
+            return
+        if attempt < attempts:
+            print(f"no ssh yet ({attempt}/{attempts}); next try in {pause_seconds:g} s", flush=True)
+            time.sleep(pause_seconds)
+    raise UserError(
+        f"the VM did not answer ssh in {attempts} tries; check it in the console, then run setup"
+    )
 
 
 def train(remote: Remote, runner: Runner, argv: list[str]) -> None:

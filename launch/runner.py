@@ -37,6 +37,12 @@ class Runner:
             return
         self._check(argv, _start(argv).returncode)
 
+    def succeeds(self, argv: list[str]) -> bool:
+        """Runs argv quietly; whether it exited 0 (in dry-run mode: True)."""
+        if self._announce(argv):
+            return True
+        return _start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
     def output(self, argv: list[str], dry_run_answer: str = "") -> str:
         """Runs argv and returns its stdout; in dry-run mode returns dry_run_answer."""
         if self._announce(argv):

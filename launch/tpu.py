@@ -123,6 +123,15 @@ def training_argv(flags: argparse.Namespace, tpu: Tpu) -> list[str]:
     elif tpu.spot:
         why = "a spot TPU loses its disk when preempted; to resume,"
         cli.check_gcs("workdir", flags.workdir, why)
+        data_dir = flags.data_dir or remote.flag_value(extra, "data_dir")
+        if not (data_dir or "").startswith("gs://"):
+            print(
+                f"{PROGRAM}: warning: the data directory is on the TPU's disk, which a "
+                "preemption deletes: each restart builds the dataset again (WMT: hours); "
+                "--data_dir=gs://BUCKET/tfds keeps it",
+                file=sys.stderr,
+                flush=True,
+            )
     remote.check_local_path("workdir", flags.workdir)
     remote.check_local_path("data_dir", flags.data_dir)
     remote.check_flagfile(flags.flagfile, flags.repo)

@@ -35,6 +35,11 @@ if "scp" in args:
         record["archive"] = tar.getnames()
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
     log.write(json.dumps(record) + "\\n")
+if "--command=true" in args:  # a new VM that answers ssh only from the N+1th try
+    with open(os.environ["FAKE_GCLOUD_LOG"]) as log:
+        tries = sum('"--command=true"' in line for line in log)
+    if tries <= int(os.environ.get("FAKE_GCLOUD_SSH_FAILS", "0")):
+        sys.exit(255)
 if "describe" in args:
     default = "READY"  # a TPU VM's state; a queued resource's and an instance's differ
     default = "ACTIVE" if "queued-resources" in args else default
@@ -346,6 +351,13 @@ def test_bad_input_exits_1_with_one_line_and_runs_nothing(gcloud, args, message)
     assert gcloud.calls() == []
 
 
+def test_a_spot_tpu_without_a_gcs_data_dir_is_warned_about(gcloud):
+    done = tpu(gcloud, "train", "--accelerator_type=v4-8", "--spot", "--workdir=gs://b/run")
+    assert "warning: the data directory is on the TPU's disk" in done.stderr
+    done = tpu(gcloud, "train", "--spot", "--workdir=gs://b/run", "--data_dir=gs://b/tfds")
+    assert "warning" not in done.stderr
+
+
 def test_single_host_on_demand_may_use_a_local_workdir(gcloud):
     tpu(gcloud, "train", "--accelerator_type=v5litepod-8", "--workdir=/home/me/runs/base")
     assert "--workdir=/home/me/runs/base" in option(gcloud.argvs()[0], "command")
@@ -363,8 +375,9 @@ def test_gpu_up_spot(gcloud):
         f"--flagfile={BASE}", "--workdir=gs://b/gpu", "--repo=https://example.com/r.git",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    create, setup, train = gcloud.argvs()
+    create, ready, setup, train = gcloud.argvs()
     assert create[:4] == ["compute", "instances", "create", "ende-gpu"]
+    assert ready[:3] == ["compute", "ssh", "ende-gpu"] and option(ready, "command") == "true"
     assert option(create, "machine-type") == "a2-highgpu-8g"
     assert option(create, "accelerator") == "type=nvidia-tesla-a100,count=8"
     assert option(create, "provisioning-model") == "SPOT"
@@ -372,6 +385,24 @@ def test_gpu_up_spot(gcloud):
     assert setup[:3] == ["compute", "ssh", "ende-gpu"]
     assert '-e ".[cuda]"' in option(setup, "command")
     assert f"--flagfile={BASE} --workdir=gs://b/gpu" in option(train, "command")
+
+
+def test_gpu_up_waits_for_the_new_vm_to_answer_ssh(gcloud):
+    args = ["gpu", "up", "--name=g", "--zone=z", "--workdir=gs://b/g", "--poll_seconds=0.01"]
+    args.append("--repo=https://example.com/r.git")
+    done = gcloud.launch(*args, FAKE_GCLOUD_SSH_FAILS="2")
+    assert done.returncode == 0, done.stderr
+    steps = [option(a, "command")[:8] if a[1] == "ssh" else a[2] for a in gcloud.argvs()]
+    assert steps[:4] == ["create", "true", "true", "true"]  # then setup and train
+    assert len(steps) == 6 and "no ssh yet (2/40)" in done.stdout
+
+
+def test_gpu_up_gives_up_on_a_vm_that_never_answers(gcloud):
+    args = ["gpu", "up", "--name=g", "--zone=z", "--workdir=gs://b/g", "--poll_seconds=0"]
+    done = gcloud.launch(*args, "--repo=https://example.com/r.git", FAKE_GCLOUD_SSH_FAILS="99")
+    assert done.returncode == 1
+    assert "did not answer ssh in 40 tries" in done.stderr.splitlines()[-1]
+    assert len(gcloud.argvs()) == 41  # create, then the tries: no setup
 
 
 def test_gpu_start_status_and_delete(gcloud):
@@ -468,6 +499,37 @@ def test_train_script_fails_when_training_dies_at_once(vm_home):
     assert done.returncode == 1
     assert "training exited at once" in done.stderr
     assert "--fail is not a flag" in done.stderr  # the log's tail
+
+
+def test_a_stale_pid_file_is_not_taken_for_training(vm_home):
+    """train.pid survives a stop and start of the VM, and its PID may now be another
+    process's: status, stop and train must not take that one for training."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (vm_home / "train.pid").write_text(str(other.pid))
+        assert "training: not running" in bash(remote.status_script(), vm_home).stdout
+        assert "no training running" in bash(remote.stop_script(wait_seconds=1), vm_home).stdout
+        argv = remote.training_argv(BASE, "gs://b/run", None, [])
+        assert "training started" in bash(remote.train_script(argv, 1), vm_home).stdout
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_setup_fails_where_jax_finds_only_the_cpu():
+    """Setup's last step, run here, where jax has only the CPU (as on a VM whose
+    libtpu or NVIDIA driver is missing or still installing)."""
+    assert (
+        remote.ACCELERATOR_CHECK in shlex.split(remote.setup_script("cuda", "3.12", None, None))[-1]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", remote.ACCELERATOR_CHECK], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "jax finds no accelerator here, only the CPU" in done.stderr
+    assert done.stdout.split()[2] == "cpu"  # the backend, after python and jax versions
 
 
 def test_setup_refuses_while_training_runs(vm_home):
