@@ -337,6 +337,7 @@ def test_every_shipped_flagfile_validates(name):
         (["--lr_decay=cosine"], "--lr_decay"),
         (["--architecture=auto"], "value should be one of <transformer|lstm>"),
         (["--final_eval_split=bogus"], "--final_eval_split=bogus: value should be one of"),
+        (["--final_eval_average_last=6"], "final_eval_average_last (6) exceeds keep_checkpoints"),
         (["--check_only", "--mesh=garbage"], "mesh must look like"),
         (["--check_only", "--mesh=model:2"], "mesh axis 'model' unknown"),
         ([], "--workdir is required"),
@@ -349,6 +350,33 @@ def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert message in lines[0] and lines[0].startswith("experiments.wmt: error:")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_final_evaluation_uses_the_mean_of_the_last_checkpoints(
+    ding_sample, trained_workdir, tmp_path
+):
+    """The paper evaluates a single model, the mean of the last 5 (base) or 20 (big)
+    checkpoints. The mean restored into the run's own parameter layout is the one
+    experiments.average computes on the host, and the run reports which it used."""
+    from transformer import loop, trained
+
+    workdir = str(trained_workdir)  # checkpoints 80, 160, 240
+    model = record.read_configs(workdir).model
+    params = trained.load_params(workdir, model, 240)
+    mean, steps = loop.average_last(workdir, params, 2)
+    assert steps == [160, 240]
+    expected = trained.average_params(workdir, model, [160, 240])
+    for got, want in zip(jax.tree.leaves(mean), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(got, last) for got, last in zip(
+        jax.tree.leaves(mean), jax.tree.leaves(params), strict=True
+    ))  # fmt: skip
+
+    run = tmp_path / "averaged"
+    args = [*tiny_training_args(ding_sample, run, 8), "--final_eval_average_last=2"]
+    result = _wmt(*args)
+    assert "final evaluation with the mean of checkpoints 4, 8" in result.stdout
+    assert json.loads((run / "results.json").read_text())["averaged_steps"] == [4, 8]
 
 
 def test_check_only_leaves_the_device_count_to_the_run():

@@ -384,9 +384,22 @@ class TrainConfig(_Config):
     keep_checkpoints: int = setting(
         5, "Checkpoints kept (the paper averages the last 5 base / 20 big).", check=positive
     )
+    final_eval_average_last: int = setting(
+        1,
+        "The final evaluation uses the mean of the parameters of the last K checkpoints "
+        "(the paper: 5 base, 20 big; 1: the final parameters).",
+        check=positive,
+    )
     nan_policy: Literal["stop", "skip"] = setting(
         "stop", "On a non-finite loss: stop, or skip the step.", choices=NAN_POLICIES
     )
+
+    def _check_together(self) -> None:
+        if self.final_eval_average_last > self.keep_checkpoints:
+            raise ConfigError(
+                f"final_eval_average_last ({self.final_eval_average_last}) exceeds "
+                f"keep_checkpoints ({self.keep_checkpoints}): keep at least as many"
+            )
 
 
 def recipe(name: str) -> TrainConfig:

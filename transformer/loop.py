@@ -27,6 +27,7 @@ import math
 import signal
 import threading
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -349,10 +350,34 @@ class Run:
         if preemption.stop:
             return {"step": step, "preempted": True, "train_minutes": train_minutes}
         results = {"step": step, "train_minutes": train_minutes}
-        results.update(self.evaluator.final(state.params))
+        params = state.params
+        if cfg.final_eval_average_last > 1:
+            params, averaged = average_last(self.setup.workdir, params, cfg.final_eval_average_last)
+            results["averaged_steps"] = averaged
+            say(f"final evaluation with the mean of checkpoints {', '.join(map(str, averaged))}")
+        results.update(self.evaluator.final(params))
         final = {k: v for k, v in results.items() if isinstance(v, float)}
         self.writer.write(step, final, "final/")
         return results
+
+
+def average_last(workdir: str, params, last: int) -> tuple[Any, list[int]]:
+    """The mean of the parameters of the workdir's last `last` checkpoints (all of them
+    if fewer), laid out as `params` (every checkpoint is restored into its shardings),
+    and their steps: the paper's evaluation model (section 6.1)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+    )
+    mngr = checkpoint.manager(workdir, read_only=True)
+    try:
+        steps = sorted(mngr.all_steps())[-last:]
+        total = None
+        for step in steps:
+            restored = checkpoint.restore(mngr, step, abstract).params
+            total = restored if total is None else jax.tree.map(jnp.add, total, restored)
+    finally:
+        mngr.close()
+    return jax.tree.map(lambda x: x / len(steps), total), steps
 
 
 def _cached_step_flops(model: ModelConfig):
@@ -550,5 +575,8 @@ def _summarize(fetched: list[dict], elapsed: float) -> dict:
         "steps_per_second": len(fetched) / elapsed,
         "target_tokens_per_second": total["target_tokens"] / elapsed,
         "tokens_per_second": (total["target_tokens"] + total["source_tokens"]) / elapsed,
+        # Real (unpadded) tokens a step: what the paper's "about 25000" counts.
+        "source_tokens_per_step": total["source_tokens"] / len(fetched),
+        "target_tokens_per_step": total["target_tokens"] / len(fetched),
         "skipped_steps": int(total["nonfinite"]),
     }
