@@ -116,3 +116,32 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
     # It started from 12 seed pieces per piece, not SentencePiece's 1M.
     spec = sentencepiece_model_pb2.ModelProto.FromString(trained.proto).trainer_spec
     assert spec.seed_sentencepiece_size == 24_000
+
+
+def test_a_bpe_vocabulary_has_the_special_ids_and_shows_its_merges(monkeypatch, capfd):
+    """--vocab_model=bpe (the paper's byte-pair encoding): SentencePiece's BPE
+    trainer, the same special ids, and its merges as progress."""
+    seen = []
+
+    class Recording(vocab.Meter):
+        def update(self, done, total):
+            seen.append((done, total))
+            super().update(done, total)
+
+    monkeypatch.setattr(vocab, "Meter", Recording)
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(5000)]  # fmt: skip
+    texts = [" ".join(rng.choices(words, k=10)) for _ in range(20000)]
+    trained = vocab.train(texts, 2000, "bpe")
+    spec = sentencepiece_model_pb2.ModelProto.FromString(trained.proto).trainer_spec
+    assert spec.model_type == spec.BPE
+    assert trained.size == 2000
+    assert trained.pieces([PAD_ID, EOS_ID, BOS_ID, UNK_ID]) == ["<pad>", "</s>", "<s>", "<unk>"]
+    assert trained.decode(trained.encode(texts[0])) == texts[0]
+    merges = [done for done, _ in seen[:-1]]
+    assert merges and merges == sorted(merges) and all(m % 100 == 0 for m in merges)
+    assert seen[-1] == (2000, 2000)
+    out, err = capfd.readouterr()
+    assert "merging the vocabulary's pieces: 2,000/2,000 pieces" in out
+    assert "Merged: freq" not in err and "trainer_spec" not in err

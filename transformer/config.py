@@ -532,6 +532,9 @@ def check_batch_split(data: DataConfig, train: TrainConfig) -> None:
         )
 
 
+VOCAB_MODELS = ("unigram", "bpe")
+
+
 def _data_workers(value) -> str | None:
     ok = isinstance(value, int) and value >= -1
     return None if ok else "must be -1 (none), 0 (auto) or a count"
@@ -579,6 +582,12 @@ class DataConfig(_Config):
         25_000,
         "bucketed: padded tokens per step, source and target each (the paper: about 25000).",
         check=positive,
+    )
+    vocab_model: Literal["unigram", "bpe"] = setting(
+        "unigram",
+        "SentencePiece's algorithm: unigram, or bpe (byte-pair encoding, the paper's for "
+        "EN-DE; its EN-FR word pieces are closest to it too).",
+        choices=VOCAB_MODELS,
     )
     vocab_sample_size: int = setting(
         2_000_000, "Sentence pairs sampled to train the SentencePiece vocabulary.", check=positive

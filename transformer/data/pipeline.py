@@ -45,7 +45,10 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
         rng = np.random.default_rng(0)
         n = min(len(source), data.vocab_sample_size)
         chosen = np.sort(rng.choice(len(source), size=n, replace=False))
-        say(f"training a {vocab_size}-piece SentencePiece vocabulary on {n:,} sampled pairs")
+        say(
+            f"training a {vocab_size}-piece SentencePiece {data.vocab_model} vocabulary on "
+            f"{n:,} sampled pairs"
+        )
         meter = Meter("reading the vocabulary's sample", n, "pairs")
         for records in source.chunks(chosen):
             for record in records:
@@ -55,7 +58,10 @@ def vocabulary(data: DataConfig, workdir: str, vocab_size: int, is_chief: bool) 
         meter.finish()
         say("fitting the vocabulary's pieces to the sample (SentencePiece)")
 
-    return load_or_train(epath.Path(workdir) / VOCAB_FILE, sample, vocab_size, is_chief=is_chief)
+    return load_or_train(
+        epath.Path(workdir) / VOCAB_FILE, sample, vocab_size, is_chief=is_chief,
+        model_type=data.vocab_model,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,11 +89,11 @@ class Vocabulary:
         return [self._sp.id_to_piece(int(i)) for i in ids]
 
 
-def train(texts: Iterable[str], vocab_size: int) -> Vocabulary:
-    """Trains a unigram SentencePiece model on `texts` with the project's special ids."""
+def train(texts: Iterable[str], vocab_size: int, model_type: str = "unigram") -> Vocabulary:
+    """Trains a SentencePiece model (unigram or bpe) on `texts` with the project's special ids."""
     model = io.BytesIO()
     try:
-        _train(texts, vocab_size, model)
+        _train(texts, vocab_size, model, model_type)
     except RuntimeError as e:  # SentencePiece reports bad sizes as INTERNAL errors
         message = str(e).split("] ")[-1]
         raise DataError(f"cannot train a {vocab_size}-piece vocabulary: {message}") from e
@@ -109,13 +109,13 @@ SEEDS_PER_PIECE = 12
 _DEFAULT_SEEDS = 1_000_000
 
 
-def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
-    with _fitting_progress(vocab_size):
+def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO, model_type: str) -> None:
+    with _fitting_progress(vocab_size, model_type):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_writer=model,
             vocab_size=vocab_size,
-            model_type="unigram",
+            model_type=model_type,
             seed_sentencepiece_size=min(_DEFAULT_SEEDS, SEEDS_PER_PIECE * vocab_size),
             character_coverage=0.9999,
             byte_fallback=True,
@@ -134,19 +134,23 @@ def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
 # each keep SHRINK of the pieces, until 1.1 x vocab_size are left.
 _ROUND_ENDS = re.compile(r"EM sub_iter=1 size=(\d+)")
 _SHRINK = 0.75
+# Its BPE trainer logs every 100th merge; each merge adds one piece.
+_MERGES = re.compile(r"Merged: freq=\d+ merges=(\d+)")
 
 
 @contextlib.contextmanager
-def _fitting_progress(vocab_size: int):
-    """Shows SentencePiece's pruning rounds as they pass: its log (file
-    descriptor 2) is read from a pipe while it trains. Once the first round has
-    said how many pieces are left, the number of rounds to go is known."""
+def _fitting_progress(vocab_size: int, model_type: str = "unigram"):
+    """Shows SentencePiece's progress as it goes: its log (file descriptor 2) is
+    read from a pipe while it trains. Unigram: its pruning rounds (once the first
+    has said how many pieces are left, the number to go is known); BPE: its merges,
+    one per piece, up to vocab_size."""
     read_end, write_end = os.pipe()
     sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(write_end, 2)
     os.close(write_end)
-    reader = threading.Thread(target=_follow_rounds, args=(read_end, vocab_size), daemon=True)
+    follow = _follow_merges if model_type == "bpe" else _follow_rounds
+    reader = threading.Thread(target=follow, args=(read_end, vocab_size), daemon=True)
     reader.start()
     try:
         yield
@@ -175,6 +179,17 @@ def _follow_rounds(read_end: int, vocab_size: int) -> None:
         meter.finish()
 
 
+def _follow_merges(read_end: int, vocab_size: int) -> None:
+    meter = Meter("merging the vocabulary's pieces", vocab_size, "pieces")
+    with os.fdopen(read_end, errors="replace") as log:
+        for line in log:
+            found = _MERGES.search(line)
+            if found:
+                meter.update(min(int(found.group(1)), vocab_size), vocab_size)
+    meter.update(vocab_size, vocab_size)  # the merges end short of it by the alphabet
+    meter.finish()
+
+
 def install(path: epath.Path, proto: bytes) -> None:
     """Writes a vocabulary's bytes to `path` under a temporary name, then renames:
     a process waiting for the file never reads half of it."""
@@ -191,6 +206,7 @@ def load_or_train(
     *,
     is_chief: bool = True,
     timeout_s: float = 3600.0,
+    model_type: str = "unigram",
 ) -> Vocabulary:
     """The vocabulary at `path`; trained from texts() first if missing.
 
@@ -201,7 +217,7 @@ def load_or_train(
     if not path.exists():
         if is_chief:
             start = time.monotonic()
-            vocab = train(texts(), vocab_size)
+            vocab = train(texts(), vocab_size, model_type)
             install(path, vocab.proto)
             say(
                 f"vocabulary of {vocab_size} pieces written to {path} in "
