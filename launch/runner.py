@@ -38,10 +38,11 @@ class Runner:
         self._check(argv, _start(argv).returncode)
 
     def succeeds(self, argv: list[str]) -> bool:
-        """Runs argv quietly; whether it exited 0 (in dry-run mode: True)."""
+        """Runs argv as `run` does (gcloud may ask to make an ssh key); whether it
+        exited 0 (in dry-run mode: True)."""
         if self._announce(argv):
             return True
-        return _start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        return _start(argv).returncode == 0
 
     def output(self, argv: list[str], dry_run_answer: str = "") -> str:
         """Runs argv and returns its stdout; in dry-run mode returns dry_run_answer."""
