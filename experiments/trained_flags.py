@@ -16,7 +16,10 @@ from transformer.translation import Translator
 WORKDIR = flags.DEFINE_string("workdir", None, "The workdir that experiments.wmt trained in.")
 STEP = flags.DEFINE_integer("step", None, "Use the checkpoint of this step (default: latest).")
 AVERAGE_LAST = flags.DEFINE_integer(
-    "average_last", 0, "Average the parameters of the last K checkpoints (the paper: 5 or 20)."
+    "average_last",
+    0,
+    "Average the parameters of the last K checkpoints (the paper: 5 or 20). Default: as "
+    "the run's final evaluation (its --final_eval_average_last); 0: the latest alone.",
 )
 config_flags.define(config.DecodeConfig, note=" Default: the workdir's (shown: the paper's).")
 
@@ -39,8 +42,15 @@ def load() -> trained.Trained:
     The flags are checked against the workdir's config before the parameters
     load (minutes, when averaging big checkpoints)."""
     check()
-    decode = decode_config(record.read_configs(WORKDIR.value).decode)
-    model = trained.load(WORKDIR.value, step=STEP.value, average_last=AVERAGE_LAST.value)
+    configs = record.read_configs(WORKDIR.value)
+    decode = decode_config(configs.decode)
+    average = AVERAGE_LAST.value
+    if STEP.value is None and not flags.FLAGS["average_last"].present:
+        # The run's final evaluation's model (the paper's recipes: the mean of the last
+        # 5 or 20), so that its scores are reproduced; as many as there are, if fewer.
+        kept = len(record.checkpoint_steps(WORKDIR.value))
+        average = min(configs.train.final_eval_average_last, kept) if kept > 1 else 0
+    model = trained.load(WORKDIR.value, step=STEP.value, average_last=average)
     return dataclasses.replace(model, decode=decode)
 
 

@@ -377,6 +377,18 @@ def test_the_final_evaluation_uses_the_mean_of_the_last_checkpoints(
     result = _wmt(*args)
     assert "final evaluation with the mean of checkpoints 4, 8" in result.stdout
     assert json.loads((run / "results.json").read_text())["averaged_steps"] == [4, 8]
+    # experiments.evaluate reproduces it: the same mean unless told otherwise.
+    (tmp_path / "src.txt").write_text("Das Haus ist schön.\n")
+    (tmp_path / "ref.txt").write_text("The house is nice.\n")
+    evaluated = subprocess.run(
+        [
+            sys.executable, "-m", "experiments.evaluate", f"--workdir={run}", "--beam_size=1",
+            f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
+        ],
+        capture_output=True, text=True, check=True,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+    )  # fmt: skip
+    assert json.loads(evaluated.stdout.splitlines()[-1])["steps"] == [4, 8]
 
 
 def test_check_only_leaves_the_device_count_to_the_run():
