@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -75,6 +76,20 @@ def check_output_file(flag: str, path: str, inputs: tuple[str, ...] = ()) -> Non
         raise UserError(f"--{flag}={path} would overwrite {part}; write to another file")
 
 
+# With several processes, process 0 hosts jax's coordination service. Leaving at
+# once, it would take the service from peers still on their way out of the same
+# error, whose clients then abort (SIGABRT, pages of noise): it leaves last.
+COORDINATOR_EXIT_GRACE_S = 2.0
+_leave_last = False
+
+
+def leave_last() -> None:
+    """Marks this process as the host of jax's coordination service (process 0 of
+    several): `fail` gives the others a moment to exit first."""
+    global _leave_last
+    _leave_last = True
+
+
 def fail(message: str, code: int = 1) -> None:
     """Prints the one-line error and exits with status `code` (1: what to fix is said)."""
     first_line = " ".join(str(message).split())
@@ -96,6 +111,8 @@ def fail(message: str, code: int = 1) -> None:
     # Another thread may have stopped mid-line; start ours on a line of its own.
     lead = "\n" if threading.active_count() > 1 else ""
     os.write(real, f"{lead}{_program()}: error: {first_line}\n".encode())
+    if _leave_last:
+        time.sleep(COORDINATOR_EXIT_GRACE_S)
     # Exit now: the interpreter's shutdown would wait for those threads.
     os._exit(code)
 

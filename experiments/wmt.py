@@ -74,6 +74,8 @@ def initialize_distributed() -> None:
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
+        if _PROCESS_ID.value == 0:
+            cli.leave_last()
         return
     # A TPU VM's hosts learn their slice from its metadata server (GKE's from the
     # environment). A VM whose metadata describes no slice (a Colab TPU runtime)
@@ -82,8 +84,12 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
     except ValueError as e:  # jax detected no cluster
         logging.info("no TPU slice to join (%s): one process", e)
+        return
     except (OSError, RuntimeError) as e:  # the metadata server did not answer
         logging.warning("no TPU slice found (%s): one process", " ".join(str(e).split())[:300])
+        return
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        cli.leave_last()
 
 
 def _on_cloud_tpu_vm() -> bool:

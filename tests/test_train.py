@@ -484,7 +484,7 @@ def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):
     out = _wmt(*args).stdout
     tests = len(datasets.load_split(ding_sample, "test"))
     for line in (
-        "training a 340-piece SentencePiece vocabulary on",
+        "training a 340-piece SentencePiece unigram vocabulary on",
         "reading the vocabulary's sample: ",
         "vocabulary of 340 pieces written to",
         "tokenizing the train split: ",
