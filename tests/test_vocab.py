@@ -92,9 +92,8 @@ def test_too_large_a_vocabulary_for_the_corpus_is_a_clear_error():
         vocab.train(["ein kleiner Satz", "a small sentence"] * 50, 5000)
 
 
-def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkeypatch, capfd):
-    """The rounds are counted from SentencePiece's own log; the first one says how
-    many will follow, and that count is what then happens."""
+def _train_recording_progress(monkeypatch, model_type: str):
+    """A 2000-piece vocabulary of random words -> (it, its texts, the meter's updates)."""
     seen = []
 
     class Recording(vocab.Meter):
@@ -106,7 +105,14 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
              for _ in range(5000)]  # fmt: skip
-    trained = vocab.train([" ".join(rng.choices(words, k=10)) for _ in range(20000)], 2000)
+    texts = [" ".join(rng.choices(words, k=10)) for _ in range(20000)]
+    return vocab.train(texts, 2000, model_type), texts, seen
+
+
+def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkeypatch, capfd):
+    """The rounds are counted from SentencePiece's own log; the first one says how
+    many will follow, and that count is what then happens."""
+    trained, _, seen = _train_recording_progress(monkeypatch, "unigram")
     total = seen[0][1]
     assert total > 1 and seen == [(k, total) for k in range(1, total + 1)] + [(total, total)]
     out, err = capfd.readouterr()
@@ -121,19 +127,7 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
 def test_a_bpe_vocabulary_has_the_special_ids_and_shows_its_merges(monkeypatch, capfd):
     """--vocab_model=bpe (the paper's byte-pair encoding): SentencePiece's BPE
     trainer, the same special ids, and its merges as progress."""
-    seen = []
-
-    class Recording(vocab.Meter):
-        def update(self, done, total):
-            seen.append((done, total))
-            super().update(done, total)
-
-    monkeypatch.setattr(vocab, "Meter", Recording)
-    rng = random.Random(0)
-    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(5000)]  # fmt: skip
-    texts = [" ".join(rng.choices(words, k=10)) for _ in range(20000)]
-    trained = vocab.train(texts, 2000, "bpe")
+    trained, texts, seen = _train_recording_progress(monkeypatch, "bpe")
     spec = sentencepiece_model_pb2.ModelProto.FromString(trained.proto).trainer_spec
     assert spec.model_type == spec.BPE
     assert trained.size == 2000
