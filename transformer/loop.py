@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from transformer import checkpoint, config, flops, metrics, record, sharding
+from transformer import checkpoint, config, flops, metrics, record, sharding, trained
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from transformer.data import datasets, pipeline, vocab
 from transformer.data.vocab import VOCAB_FILE
@@ -363,21 +363,13 @@ class Run:
 
 def average_last(workdir: str, params, last: int) -> tuple[Any, list[int]]:
     """The mean of the parameters of the workdir's last `last` checkpoints (all of them
-    if fewer), laid out as `params` (every checkpoint is restored into its shardings),
-    and their steps: the paper's evaluation model (section 6.1)."""
+    if fewer), laid out as `params`, and their steps: the paper's evaluation model
+    (section 6.1)."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
     )
-    mngr = checkpoint.manager(workdir, read_only=True)
-    try:
-        steps = sorted(mngr.all_steps())[-last:]
-        total = None
-        for step in steps:
-            restored = checkpoint.restore(mngr, step, abstract).params
-            total = restored if total is None else jax.tree.map(jnp.add, total, restored)
-    finally:
-        mngr.close()
-    return jax.tree.map(lambda x: x / len(steps), total), steps
+    steps = record.checkpoint_steps(workdir)[-last:]
+    return trained.mean_params(workdir, abstract, steps), steps
 
 
 def _cached_step_flops(model: ModelConfig):

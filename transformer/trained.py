@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
 from transformer import checkpoint, record, sharding
@@ -102,18 +101,23 @@ def _listed(steps: list[int]) -> str:
 
 
 def average_params(workdir: str, model: ModelConfig, steps: list[int]) -> Any:
-    """The element-wise mean of the parameters of the checkpoints at `steps`.
+    """The element-wise mean of the parameters of the checkpoints at `steps`, on one device."""
+    return mean_params(workdir, abstract_params(model), steps)
 
-    Every checkpoint is restored into the same abstract tree, so one of another
-    shape is refused by name (transformer/checkpoint.py) rather than broadcast.
-    """
-    total = None
-    for step in steps:
-        params = jax.tree.map(
-            lambda x: np.asarray(x, np.float64), load_params(workdir, model, step)
-        )
-        total = params if total is None else jax.tree.map(np.add, total, params)
-    return jax.tree.map(lambda x: jnp.asarray(x / len(steps), jnp.float32), total)
+
+def mean_params(workdir: str, abstract: Any, steps: list[int]) -> Any:
+    """The element-wise mean of the parameters of the checkpoints at `steps`, each
+    restored into `abstract`'s shapes and shardings, so that one of another shape is
+    refused by name (transformer/checkpoint.py) rather than broadcast."""
+    mngr = checkpoint.manager(workdir, read_only=True)
+    try:
+        total = None
+        for step in steps:
+            params = checkpoint.restore(mngr, step, abstract).params
+            total = params if total is None else jax.tree.map(jnp.add, total, params)
+    finally:
+        mngr.close()
+    return jax.tree.map(lambda x: x / len(steps), total)
 
 
 def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Trained:
