@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from transformer import checkpoint, record, sharding
@@ -101,8 +102,10 @@ def _listed(steps: list[int]) -> str:
 
 
 def average_params(workdir: str, model: ModelConfig, steps: list[int]) -> Any:
-    """The element-wise mean of the parameters of the checkpoints at `steps`, on one device."""
-    return mean_params(workdir, abstract_params(model), steps)
+    """The element-wise mean of the parameters of the checkpoints at `steps`, as arrays
+    not committed to a device, so that any mesh the caller jits over may take them."""
+    mean = mean_params(workdir, abstract_params(model), steps)
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mean)
 
 
 def mean_params(workdir: str, abstract: Any, steps: list[int]) -> Any:
