@@ -1,5 +1,6 @@
 """The ding_de_en builder: parsing, annotation stripping, disjoint deterministic splits."""
 
+import hashlib
 import os
 import tempfile
 
@@ -60,7 +61,17 @@ def _split_texts(data: DataConfig) -> dict[str, list[tuple[str, str]]]:
 
 def test_builder_splits_are_disjoint_and_sentence_only(ding_sample):
     splits = _split_texts(ding_sample)
-    assert len(splits["validation"]) == 15 and len(splits["test"]) == 13
+    # Held out: the sentences whose SHA-256's first 8 bytes, as a fraction of 2^64,
+    # fall below one fraction (test) or two (validation).
+    fraction = ding.HELD_OUT_FRACTION
+    for name, low, high in (("test", 0, fraction), ("validation", fraction, 2 * fraction)):
+        for de, _ in splits[name]:
+            u = int.from_bytes(hashlib.sha256(de.encode()).digest()[:8], "big") / 2**64
+            assert low <= u < high, (name, de)
+    assert len(splits["validation"]) >= 5 and len(splits["test"]) >= 5
+    for de, en in splits["train"]:
+        u = int.from_bytes(hashlib.sha256(de.encode()).digest()[:8], "big") / 2**64
+        assert u >= 2 * fraction or not ding.is_sentence(de, en), de
     german = {name: {de for de, _ in pairs} for name, pairs in splits.items()}
     assert not german["train"] & german["validation"]
     assert not german["train"] & german["test"]

@@ -8,10 +8,12 @@ subprocess, as a user would. The slow ones run in CI (.ci/run runs all marks).
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_training_args
 
-from transformer import checkpoint, record, trained
+from transformer import record, trained
 
 
 def _env() -> dict:
@@ -143,11 +145,9 @@ def test_sigterm_saves_the_current_step_and_exits_0(ding_sample, uninterrupted, 
     args = [*tiny_training_args(ding_sample, workdir, 24), "--checkpoint_every=100"]
     proc = _start(args)
     _wait_for_step(proc, workdir, 7)
-    sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode == 0
-    assert time.monotonic() - sent < 60
     saved = _steps(workdir)
     assert len(saved) == 1 and saved[0] >= 7  # the step it was at, not an older one
     result = run_module("experiments.wmt", *args)
@@ -189,6 +189,14 @@ def test_sigterm_is_answered_within_three_steps_of_the_last_finished_one(
 # ----------------------------------------------------------------------------
 
 
+def _contents(folder) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+        for root, _, names in os.walk(folder)
+        for n in names
+    }
+
+
 def _array_files(step_dir) -> list[str]:
     files = []
     for root, _, names in os.walk(step_dir / "params"):
@@ -220,6 +228,8 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
             + data[middle + 64 :]
         )
     before = sorted(os.listdir(workdir / "checkpoints"))
+    latest_before = tmp_path / "damaged_24"
+    shutil.copytree(latest, latest_before)
     args = [*tiny_training_args(ding_sample, workdir, 28)]
     result = run_module("experiments.wmt", *args, check=False)
     line = _one_line_error(result)
@@ -231,36 +241,10 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
     result = run_module("experiments.wmt", *args, "--fallback_checkpoint")
     assert "resumed from step 20" in result.stdout.decode()
-    assert latest.exists() or _steps(workdir)[-1] == 28
-
-
-@pytest.mark.parametrize(
-    "failed_on, outcome",
-    [((1, 1), "unreadable"), ((0, 0), "readable"), ((1, 0), "split"), (None, "peer gone")],
-)
-def test_processes_agree_before_a_checkpoint_is_called_unreadable(monkeypatch, failed_on, outcome):
-    """What two processes made of one checkpoint, as `process_allgather` returns it
-    (a checkpoint unreadable on one host only, or a peer gone, cannot be staged with
-    one shared folder): only a checkpoint unreadable everywhere is passed over."""
-
-    def allgather(flag):
-        if failed_on is None:
-            raise RuntimeError("Gloo AllGather failed: Connection closed by peer")
-        return np.asarray(failed_on, np.int32)
-
-    monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", allgather)
-    mine = checkpoint.CheckpointError("checkpoint /w/checkpoints/6 is incomplete") if (
-        failed_on is None or failed_on[0]
-    ) else None  # fmt: skip
-    if outcome in ("unreadable", "readable"):
-        assert checkpoint._unreadable_everywhere("/w/checkpoints/6", mine) is mine
-        return
-    with pytest.raises(checkpoint.CheckpointError) as raised:
-        checkpoint._unreadable_everywhere("/w/checkpoints/6", mine)
-    if outcome == "split":
-        assert "unreadable on 1 of 2 processes only" in str(raised.value)
-    else:
-        assert raised.value is mine
+    # The damaged folder is kept aside, as it was; the run saved a new step 24, then 28.
+    aside = workdir / "checkpoints" / "24.unreadable"
+    assert aside.is_dir() and _contents(aside) == _contents(latest_before)
+    assert _steps(workdir)[-2:] == [24, 28]
 
 
 # ----------------------------------------------------------------------------
@@ -277,7 +261,8 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint(
     # A learning rate of 1e30 blows the parameters up within a step or two.
     args = [*tiny_training_args(ding_sample, workdir, 40), "--learning_rate_scale=1e30"]
     line = _one_line_error(run_module("experiments.wmt", *args, check=False))
-    assert "not finite at step 2" in line or "not finite at step 25" in line
+    found = re.search(r"not finite at step (\d+)", line)
+    assert found and 25 <= int(found[1]) <= 26, line  # within a step of the resume at 24
     assert "the last good checkpoint is step 24" in line
     assert _steps(workdir)[-1] == 24
     _assert_same_params(_final_params(workdir), good)
@@ -360,28 +345,48 @@ def test_an_empty_or_malformed_corpus_gives_one_line(tmp_path, content, message)
 
 
 # ----------------------------------------------------------------------------
-# 7. A large file into translate: bounded memory, one line out per line in
+# 7. A large input into translate: streamed, one line out per line in
 # ----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_translate_a_100000_line_file_in_bounded_memory(trained_workdir, tmp_path):
+def test_translate_streams_a_100000_line_input_chunk_by_chunk(trained_workdir):
+    """Memory stays bounded because translation streams: the first chunk's lines
+    come out while the rest of the input has not been written yet (a translator
+    that read all its input first would wait here, and the test would time out)."""
     lines = ["", "Der Hund sieht das Haus.", "  ", "\x00\x01 kaputt", "Die Katze."]
-    source = tmp_path / "big.txt"
-    with open(source, "w", encoding="utf-8") as f:
-        for i in range(100_000):
-            f.write(lines[i % len(lines)] + "\n")
-    out = tmp_path / "big.out"
-    run_module(
-        "experiments.translate",
-        f"--workdir={trained_workdir}",
-        "--beam_size=1",
-        f"--input={source}",
-        f"--output={out}",
-        "--chunk_lines=5000",
+    text = [lines[i % len(lines)] + "\n" for i in range(100_000)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.translate", f"--workdir={trained_workdir}"]
+        + ["--beam_size=1", "--chunk_lines=5000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        encoding="utf-8",
     )
-    with open(out, encoding="utf-8") as f:
-        outputs = f.read().split("\n")[:-1]
+    timer = threading.Timer(600, proc.kill)  # a translator that does not stream
+    timer.start()
+    try:
+        proc.stdin.writelines(text[:5000])
+        proc.stdin.flush()
+        first = [proc.stdout.readline() for _ in range(5000)]
+        assert all(line.endswith("\n") for line in first), "it stopped before a chunk's end"
+
+        def write_the_rest():  # while this thread reads: both pipes are bounded
+            proc.stdin.writelines(text[5000:])
+            proc.stdin.close()
+
+        writer = threading.Thread(target=write_the_rest)
+        writer.start()
+        outputs = [line.rstrip("\n") for line in first + proc.stdout.readlines()]
+        writer.join()
+        assert proc.wait() == 0
+    finally:
+        timer.cancel()
+        proc.kill()
     assert len(outputs) == 100_000
     assert outputs[0] == "" and outputs[2] == "" and outputs[5] == ""
     assert outputs[1] == outputs[6] and outputs[1].strip()

@@ -191,6 +191,62 @@ def test_a_mesh_whose_rows_do_not_split_over_the_processes_is_refused(ding_sampl
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+# What one process of two made of a checkpoint, once per verdict ("bad": it could not
+# read it), agreed with the other through jax.distributed; "gone": the process leaves.
+_AGREE = """
+import os, sys
+import jax
+# A peer that leaves is noticed by its missing heartbeats: after 10 s, not 100.
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout_seconds=10)
+from transformer import checkpoint
+for verdict in sys.argv[3].split(","):
+    if verdict == "gone":
+        os._exit(0)
+    mine = checkpoint.CheckpointError("checkpoint /w/6 is incomplete") if verdict == "bad" else None
+    try:
+        agreed = checkpoint._unreadable_everywhere("/w/6", mine)
+        print("agreed:", "mine" if agreed is mine else agreed, flush=True)
+    except checkpoint.CheckpointError as e:
+        print("error:", e, flush=True)
+"""
+
+
+def _agree(verdicts_0: str, verdicts_1: str) -> list[tuple[int, list[str]]]:
+    """(exit code, verdict lines) of the two processes."""
+    address = f"localhost:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AGREE, address, str(i), verdicts],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i, verdicts in enumerate((verdicts_0, verdicts_1))
+    ]
+    try:
+        said = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [  # gloo's connection messages aside
+        (p.returncode, [line for line in out.splitlines() if line.startswith(("agreed", "error"))])
+        for p, out in zip(procs, said, strict=True)
+    ]
+
+
+def test_processes_agree_before_a_checkpoint_is_called_unreadable():
+    split = "error: checkpoint /w/6 is unreadable on 1 of 2 processes only"
+    for code, lines in _agree("bad,good,bad,good", "bad,good,good,bad"):
+        assert code == 0 and len(lines) == 4, lines
+        assert lines[0] == "agreed: mine"  # unreadable everywhere: passed over
+        assert lines[1] == "agreed: mine"  # read everywhere: None
+        assert lines[2].startswith(split) and lines[3].startswith(split)  # nothing moved
+    # A peer that leaves: jax ends process 0 before it calls anything unreadable.
+    (code, lines), _ = _agree("bad", "gone")
+    assert code != 0 and lines == [], lines
+
+
 class _Metadata(http.server.BaseHTTPRequestHandler):
     """A TPU VM's metadata server, as far as jax's cluster detection reads it."""
 

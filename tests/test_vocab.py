@@ -64,20 +64,25 @@ def test_size_mismatch_is_refused(tmp_path, sample_vocab):
 
 def test_other_processes_wait_for_process_0(tmp_path, sample_vocab):
     path = tmp_path / vocab.VOCAB_FILE
+    asking = threading.Event()
 
     def chief_writes_later():
-        time.sleep(1.5)
+        asking.wait(30)
+        time.sleep(0.3)  # the other process finds no file and waits for it
         tmp = tmp_path / ".partial"
         tmp.write_bytes(sample_vocab.proto)
         tmp.rename(path)
 
+    def not_process_0():
+        raise AssertionError("a process other than 0 trained a vocabulary")
+
     writer = threading.Thread(target=chief_writes_later)
     writer.start()
-    start = time.monotonic()
-    loaded = vocab.load_or_train(path, lambda: [], 350, is_chief=False, timeout_s=30)
+    assert not path.exists()
+    asking.set()
+    loaded = vocab.load_or_train(path, not_process_0, 350, is_chief=False, timeout_s=30)
     writer.join()
     assert loaded.proto == sample_vocab.proto
-    assert time.monotonic() - start >= 1.0
 
 
 def test_waiting_times_out_with_a_message(tmp_path):
