@@ -8,9 +8,17 @@ tcmalloc.use_tcmalloc()  # before jax is imported: see experiments/tcmalloc.py
 
 import jax.numpy as jnp  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from experiments.cli import UserError  # noqa: E402
-from transformer import decoding  # noqa: E402
+from transformer import decoding, progress  # noqa: E402
 from transformer.config import EOS_ID  # noqa: E402
+
+
+def run(main) -> None:
+    """cli.run for a benchmark: stdout is its JSON lines, so what it says while it
+    builds data or a vocabulary goes to stderr."""
+    progress.to_stderr()
+    cli.run(main)
 
 
 def peak_rss_gib() -> float:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+import benchmarks
 from benchmarks import eos_only_at_the_end, peak_rss_gib, positive_ints
 from experiments import cli, model_flags
 from transformer import decoding, flops
@@ -162,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

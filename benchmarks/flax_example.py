@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from absl import flags
 
+import benchmarks
 from benchmarks import peak_rss_gib
 from experiments import cli
 from transformer import config, decoding, sharding, train
@@ -350,8 +351,9 @@ def main(argv):
     if not example or not all(
         os.path.isfile(os.path.join(example, f"{n}.py")) for n in ("models", "decode")
     ):
+        given = f"--example={example}" if example else "--example is required"
         raise cli.UserError(
-            f"--example={example}: give the Flax WMT example's folder, with its models.py "
+            f"{given}: give the Flax WMT example's folder, with its models.py "
             "and decode.py (flax/examples/wmt in a checkout of Flax)"
         )
     for size in _SIZES.value:
@@ -398,4 +400,4 @@ def compare(what: str, size: str) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

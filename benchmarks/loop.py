@@ -26,6 +26,7 @@ import sys
 
 from absl import flags
 
+import benchmarks
 import experiments
 from experiments import cli
 
@@ -97,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from absl import flags
 
+import benchmarks
 from benchmarks import peak_rss_gib
 from experiments import cli, config_flags
 from transformer import config
@@ -136,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

@@ -19,8 +19,8 @@ import json
 
 from absl import flags
 
+import benchmarks
 from benchmarks import positive_ints, train_step
-from experiments import cli
 from transformer import flops
 
 _TOKENS = flags.DEFINE_integer(
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
+import benchmarks
 from benchmarks import positive_ints
 from experiments import cli
 from transformer import config
@@ -205,4 +206,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from absl import flags
 
+import benchmarks
 from benchmarks import peak_rss_gib, positive_ints
 from experiments import cli, config_flags
 from transformer import config, flops, sharding, train
@@ -122,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    benchmarks.run(main)

@@ -1,5 +1,6 @@
 """The benchmark scripts refuse bad flags before measuring anything, and measure what they say."""
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import pytest
         ("pipeline", ["--producers=text:w0"], "'text:w0' needs at least one producer"),
         ("loop", ["--steps=5"], "--steps=5"),
         ("flax_example", ["--example=/nonexistent"], "give the Flax WMT example's folder"),
+        ("flax_example", [], "--example is required: give the Flax WMT example's folder"),
     ],
 )
 def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):
@@ -82,3 +84,29 @@ def test_the_search_floor_multiplies_every_weight_matrix_of_the_search(size):
     assert all(n == hypotheses for n, _, _ in listed_position)
     assert sum(k * m for _, k, m in listed_once) == once
     assert sum(k * m for _, k, m in listed_position) == per_position
+
+
+def test_the_pipeline_benchmark_prints_only_json_on_stdout(ding_sample, tmp_path):
+    """On a first run it trains a vocabulary and writes token ids, saying so on stderr:
+    stdout stays one JSON line per measurement, for `| jq`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pipeline", f"--data_dir={ding_sample.data_dir}",
+         f"--workdir={tmp_path}", "--vocab_size=350", "--batch_rows=8", "--row_length=32",
+         "--producers=ids:t1,text:t1", "--batches=3", "--repeats=1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vocabulary of 350 pieces written" in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["producers"] for r in lines] == ["ids:t1", "text:t1"]
+    # Real rows were measured: every batch holds target tokens.
+    assert all(r["target_tokens_per_s"] > 0 and 0 < r["row_fill"] <= 1 for r in lines)
+
+
+def test_importing_a_benchmark_leaves_messages_on_stdout():
+    """Only a benchmark run as a command sends its messages to stderr: importing one
+    (as the floor tests here do) must not move the messages of everything else."""
+    from benchmarks import flax_example  # noqa: F401
+    from transformer import progress
+
+    assert progress.Meter("x", None, "y").stream is sys.stdout

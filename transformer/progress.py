@@ -9,17 +9,56 @@ one at the end. Only process 0 prints.
 
 from __future__ import annotations
 
+import functools
+import logging as pylogging
 import sys
 import time
 from typing import TextIO
 
 import jax
+from absl import logging
+
+_to_stderr = False
+
+
+def to_stderr() -> None:
+    """Messages and meters go to stderr from now on: for commands whose stdout is
+    data (the benchmarks' JSON lines)."""
+    global _to_stderr
+    _to_stderr = True
+
+
+def _stream() -> TextIO:
+    return sys.stderr if _to_stderr else sys.stdout
+
+
+class _Hidden(pylogging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@functools.cache
+def hide_library_warning(prefix: str) -> None:
+    """Drops the absl-logged messages whose format string starts with `prefix`: a
+    library's warning that would come before the one line that says what matters
+    (added once per prefix)."""
+    logging.get_absl_logger().addFilter(_Hidden(prefix))
 
 
 def say(message: str) -> None:
     """A line for the person running the command (process 0 only)."""
     if jax.process_index() == 0:
-        print(message, flush=True)
+        print(message, file=_stream(), flush=True)
+
+
+def counted(number: float, noun: str) -> str:
+    """'1 minute', '30 minutes', '1,030 sentences'."""
+    text = f"{number:,}" if isinstance(number, int) else f"{number:g}"
+    return f"{text} {noun if number == 1 else noun + 's'}"
 
 
 def format_duration(seconds: float) -> str:
@@ -45,7 +84,7 @@ class Meter:
         """first_at_once: a log gets the first update at once, not after every_s
         (for a meter created late in its phase, or that advances seldom)."""
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.stream = sys.stdout if stream is None else stream
+        self.stream = _stream() if stream is None else stream
         self.live = self.stream.isatty()
         self.done, self.start = 0, time.monotonic()
         self.last_shown = self.start - every_s if first_at_once else self.start
@@ -63,6 +102,11 @@ class Meter:
         """Sets the count (for callers that learn the total as they go)."""
         self.total = total
         self.advance(done - self.done)
+
+    def in_proportion(self, total: int):
+        """A translator's (pieces done, of) -> this meter's count out of `total`: it
+        decodes the distinct sentences, long ones in pieces, not the lines given."""
+        return lambda done, of: self.update(total * done // max(of, 1), total)
 
     def finish(self) -> None:
         """The last line: what was done, in how long (unless a log has it already)."""
