@@ -125,11 +125,18 @@ def _program() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv else "experiments"
 
 
+_HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e).removeprefix("ERROR:: "))
+    except SystemExit as e:  # absl exits 1 after printing the help asked for
+        if e.code == 1 and any(arg in _HELP for arg in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def run(main: Callable[[list[str]], None]) -> None:

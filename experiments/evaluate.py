@@ -23,7 +23,7 @@ from absl import flags
 from experiments import cli, config_flags, trained_flags
 from transformer import config, metrics
 from transformer.data import datasets
-from transformer.progress import Meter
+from transformer.progress import Meter, counted
 
 SPLIT = flags.DEFINE_string("split", "test", "Split of the workdir's dataset to translate.")
 SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file instead of a split.")
@@ -108,13 +108,14 @@ def main(argv: list[str]) -> None:
         )
     # On stderr: stdout carries the scores and their JSON line.
     meter = Meter(f"translating {name}", None, "sentences", stream=sys.stderr)
-    translator = trained_flags.translator(model, on_progress=meter.update)
+    translator = trained_flags.translator(model, on_progress=meter.in_proportion(len(sources)))
     hypotheses = translator.translate(sources)
     meter.finish()
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
-    print(f"{name}: {len(sources)} sentences, {model.describe()}, {translator.decode.describe()}")
+    what = f"{counted(len(sources), 'sentence')}, {model.describe()}"
+    print(f"{name}: {what}, {translator.decode.describe()}")
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")
     print(f"chrF      {scores['chrf']:.2f}  ({scores['chrf_signature']})")
     print(

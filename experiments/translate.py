@@ -49,6 +49,9 @@ BATCH_TOKENS = flags.DEFINE_integer(
 _LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
+SHOWN_INVALID_LINES = 5  # named one by one; a whole file in another encoding is then counted
+
+
 def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, str, bool]]]:
     """Chunks of (line number, text, had invalid UTF-8) from a byte stream."""
     chunk, number = [], 0
@@ -88,11 +91,14 @@ def translate_stream(
     `meter` (a progress.Meter, or None) counts lines, a chunk's in proportion to
     the share of its sentences translated so far.
     """
-    total = 0
+    total, invalid_lines = 0, 0
     for chunk in read_chunks(source, chunk_lines):
         for number, _, invalid in chunk:
-            if invalid:
-                warn(f"line {number}: invalid UTF-8 replaced by U+FFFD")
+            invalid_lines += invalid
+            if invalid and invalid_lines <= SHOWN_INVALID_LINES:
+                hint = " (is the input UTF-8? iconv -f latin1 -t utf-8 converts Latin-1)"
+                hint = hint if invalid_lines == 1 else ""
+                warn(f"line {number}: invalid UTF-8 replaced by U+FFFD{hint}")
         numbers = [number for number, _, _ in chunk]
         translator.on_split = lambda i, pieces, numbers=numbers: warn(
             f"line {numbers[i]}: longer than the model's "
@@ -108,6 +114,8 @@ def translate_stream(
             meter.update(total, meter.total)
     if meter is not None:
         meter.finish()
+    if invalid_lines > SHOWN_INVALID_LINES:
+        warn(f"{invalid_lines:,} lines in all held invalid UTF-8, replaced by U+FFFD")
     return total
 
 

@@ -47,6 +47,8 @@ class Runner:
     def output(self, argv: list[str], dry_run_answer: str = "") -> str:
         """Runs argv and returns its stdout; in dry-run mode returns dry_run_answer."""
         if self._announce(argv):
+            if dry_run_answer:
+                print(f"# dry run: taken to answer {dry_run_answer}", flush=True)
             return dry_run_answer
         done = _start(argv, stdout=subprocess.PIPE, text=True)
         self._check(argv, done.returncode)

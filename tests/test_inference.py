@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import shutil
 import subprocess
 
@@ -66,6 +65,17 @@ def test_translate_gives_one_line_per_input_line(trained_workdir, tmp_path):
     assert "line 5: invalid UTF-8 replaced" in stderr
     assert f"{len(HARD_INPUT)}/{len(HARD_INPUT)} lines" in stderr  # the progress bar
     assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_a_file_in_another_encoding_is_named_line_by_line_then_counted(trained_workdir):
+    latin1 = "Die Straße ist schön.\n".encode("latin-1") * 8
+    result = run_module("experiments.translate", f"--workdir={trained_workdir}", stdin=latin1)
+    assert len(_lines(result.stdout)) == 8
+    warnings = result.stderr.decode().splitlines()
+    named = [w for w in warnings if "invalid UTF-8 replaced by U+FFFD" in w and "line " in w]
+    assert [w.split()[2] for w in named] == ["1:", "2:", "3:", "4:", "5:"]
+    assert "iconv -f latin1" in named[0] and "iconv" not in named[1]
+    assert "warning: 8 lines in all held invalid UTF-8, replaced by U+FFFD" in warnings
 
 
 def test_translate_keeps_input_order(trained_workdir):
@@ -408,7 +418,8 @@ def test_averaging_more_checkpoints_than_exist_is_refused(trained_workdir, tmp_p
 
 
 def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
-    sources = ["Der Hund sieht das grüne Haus.", "Die Katze malt die Straße!"]
+    # One sentence twice: decoded once, counted twice in the progress.
+    sources = ["Der Hund sieht das grüne Haus.", "Die Katze malt die Straße!"] * 2
     (tmp_path / "src.txt").write_text("\n".join(sources) + "\n")
     hyps = _lines(
         run_module(
@@ -429,7 +440,7 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert scores["sacrebleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in scores["sacrebleu_signature"]
     assert (tmp_path / "hyp.txt").read_text().splitlines() == hyps
-    assert "translating src.txt: 2/2 sentences" in result.stderr.decode()  # progress, not stdout
+    assert "translating src.txt: 4/4 sentences" in result.stderr.decode()  # progress, not stdout
 
     result = run_module(
         "experiments.evaluate",
@@ -443,8 +454,9 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     scores = json.loads(text.strip().splitlines()[-1])
     assert 0.0 <= scores["sacrebleu"] <= 100.0 and scores["steps"] == [160, 240]
     hypotheses = (trained_workdir / "hypotheses.test.avg2.txt").read_text().splitlines()
-    assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1]) > 0
-    assert re.search(r"translating test: (\d+)/\1 sentences", result.stderr.decode())
+    assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1].replace(",", "")) > 0
+    n = len(hypotheses)
+    assert f"translating test: {n}/{n} sentences" in result.stderr.decode()
 
 
 def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workdir, tmp_path):

@@ -5,6 +5,7 @@ records its arguments (and, for scp, the archive's file names) as JSON lines.
 The bash that would run on the VMs runs here for real, in a scratch HOME.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -308,6 +309,14 @@ def test_dry_run_prints_every_command_and_runs_none(gcloud):
     assert done.stderr == ""
 
 
+def test_a_dry_run_says_which_answers_it_assumed(gcloud):
+    done = tpu(gcloud, "status", "--dry_run")
+    assert gcloud.calls() == []
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gcloud compute tpus tpu-vm describe")
+    assert lines[1] == "# dry run: taken to answer READY"  # not a state it was told
+
+
 def test_a_failing_gcloud_stops_the_launch_with_one_line(gcloud):
     done = gcloud.launch(
         "tpu", "up", "--name=ende", "--zone=z", "--workdir=gs://b/r", FAKE_GCLOUD_EXIT="1"
@@ -492,6 +501,47 @@ def test_train_script_starts_once_in_the_background_and_stop_checkpoints(vm_home
     assert "start: python -m experiments.wmt" in log and "checkpoint saved" in log
     assert "training: not running" in bash(remote.status_script(), vm_home).stdout
     assert "checkpoint saved" in bash(remote.logs_script(5, follow=False), vm_home).stdout
+
+
+@pytest.mark.slow
+def test_stop_on_a_vm_saves_a_checkpoint_of_the_real_trainer(ding_sample, tmp_path):
+    """The scripts around experiments.wmt itself (the tiny model): started under
+    nohup, found running, and stopped by SIGTERM with a checkpoint saved."""
+    from conftest import tiny_training_args
+
+    home = tmp_path / "home"
+    (home / "transformer-venv" / "bin").mkdir(parents=True)
+    (home / "transformer-jax").symlink_to(REPO)
+    python = home / "transformer-venv" / "bin" / "python"
+    python.write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    workdir = tmp_path / "run"
+    argv = ["python", "-m", "experiments.wmt", *tiny_training_args(ding_sample, workdir, 100_000)]
+    env = {**os.environ, "HOME": str(home), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+
+    try:
+        started = run(remote.train_script(argv, check_seconds=1))
+        assert started.returncode == 0 and "training started" in started.stdout, started.stderr
+        deadline = time.monotonic() + 300
+        log = home / "train.log"
+        while "first step compiled" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert "training: running" in run(remote.status_script()).stdout
+        stopped = run(remote.stop_script(wait_seconds=120))
+        assert stopped.returncode == 0 and "stopped on" in stopped.stdout, stopped.stderr
+    finally:
+        pid = home / "train.pid"
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+    text = log.read_text()
+    assert "SIGTERM received after step" in text and "Traceback" not in text, text[-2000:]
+    saved = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+    assert saved and "training: not running" in run(remote.status_script()).stdout
 
 
 def test_train_script_fails_when_training_dies_at_once(vm_home):

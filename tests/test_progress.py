@@ -2,6 +2,7 @@
 
 import io
 
+from transformer import progress
 from transformer.progress import Meter, format_duration
 
 
@@ -59,3 +60,10 @@ def test_durations_read_as_minutes_or_hours():
     assert format_duration(75) == "1m15s"
     assert format_duration(3 * 3600 + 5 * 60) == "3h05m"
     assert format_duration(-4) == "0m00s"
+
+
+def test_counts_agree_with_their_nouns():
+    assert progress.counted(1.0, "minute") == "1 minute"  # --train_minutes=1
+    assert progress.counted(0.5, "minute") == "0.5 minutes"
+    assert progress.counted(1, "sentence") == "1 sentence"
+    assert progress.counted(1030, "sentence") == "1,030 sentences"

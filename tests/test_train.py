@@ -292,8 +292,9 @@ def test_a_stopped_run_resumes_where_it_stopped(ding_sample, tmp_path):
     np.testing.assert_allclose(
         [got[s] for s in range(7, 13)], [expected[s] for s in range(7, 13)], rtol=1e-6
     )
-    results = json.loads((resumed / "results.json").read_text())
-    assert results["step"] == 12 and results["validation_loss"] < 6.0
+    results, unbroken = (json.loads((w / "results.json").read_text()) for w in (resumed, straight))
+    assert results["step"] == 12
+    assert results["validation_loss"] == pytest.approx(unbroken["validation_loss"], rel=1e-5)
 
 
 def test_a_relative_workdir_saves_resumes_and_translates(ding_sample, tmp_path):
@@ -314,11 +315,41 @@ def test_a_relative_workdir_saves_resumes_and_translates(ding_sample, tmp_path):
     assert len(translated.stdout.splitlines()) == 1
 
 
+def _flagfile_values(path: str) -> dict[str, str]:
+    """--name=value of a flagfile and the flagfiles it names, the last one of a name winning."""
+    values = {}
+    for line in open(path):
+        if not line.startswith("--"):
+            continue
+        name, equals, value = line.strip().removeprefix("--").partition("=")
+        if not equals:  # absl's boolean forms: --name, --noname
+            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
+        if name == "flagfile":  # named from the repository's root, as a user runs it
+            values.update(_flagfile_values(os.path.join(CONFIGS, "..", "..", value)))
+        else:
+            values[name] = value
+    return values
+
+
+def _same(flag_value: str, field_value) -> bool:
+    if isinstance(field_value, bool):
+        return flag_value.lower() in (("true", "1") if field_value else ("false", "0"))
+    if isinstance(field_value, int | float):
+        return float(flag_value) == field_value
+    return flag_value == ("" if field_value is None else str(field_value))
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))
-def test_every_shipped_flagfile_validates(name):
-    result = _wmt(f"--flagfile={os.path.join(CONFIGS, name)}", "--check_only")
-    configs = json.loads(result.stdout)
-    assert configs["model"]["vocab_size"] > 0 and configs["train"]["steps"] > 0
+def test_every_shipped_flagfile_validates_and_reaches_the_configs(name):
+    path = os.path.join(CONFIGS, name)
+    configs = json.loads(_wmt(f"--flagfile={path}", "--check_only").stdout)
+    fields = {k: v for section in configs.values() for k, v in section.items()}
+    checked = 0
+    for flag, value in _flagfile_values(path).items():
+        if flag in fields and value != "auto":  # --dtype=auto is resolved on the host
+            assert _same(value, fields[flag]), (flag, value, fields[flag])
+            checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize(
@@ -350,6 +381,12 @@ def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert message in lines[0] and lines[0].startswith("experiments.wmt: error:")
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("asked", ["--help", "--helpfull"])
+def test_help_asked_for_exits_0(asked):
+    result = _wmt(asked, check=False)
+    assert result.returncode == 0 and "--flagfile" in result.stdout + result.stderr
 
 
 def test_the_final_evaluation_uses_the_mean_of_the_last_checkpoints(
@@ -391,10 +428,13 @@ def test_the_final_evaluation_uses_the_mean_of_the_last_checkpoints(
     assert json.loads(evaluated.stdout.splitlines()[-1])["steps"] == [4, 8]
 
 
-def test_check_only_leaves_the_device_count_to_the_run():
+def test_check_only_leaves_the_device_count_to_the_run(tmp_path):
     # A TPU flagfile's mesh is checked on a laptop for its form, not its size.
-    result = _wmt("--preset=tiny", "--mesh=data:8,tensor:4", "--check_only")
-    assert json.loads(result.stdout)["model"]["d_model"] > 0
+    mesh = ["--preset=tiny", "--mesh=data:8,tensor:4"]
+    assert json.loads(_wmt(*mesh, "--check_only").stdout)["model"]["d_model"] == 32
+    run = _wmt(*mesh, f"--workdir={tmp_path / 'w'}", check=False)  # here: 1 device
+    assert run.returncode == 1 and "has 32 devices but there are 1" in run.stderr
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize(
@@ -440,9 +480,14 @@ def test_a_rerun_keeps_the_workdirs_record_unless_it_trains(ding_sample, tmp_pat
     _wmt(*_tiny_args(ding_sample, tmp_path, 2))
     results, config_json = tmp_path / "results.json", tmp_path / "config.json"
     results.write_text(json.dumps({**json.loads(results.read_text()), "test_sacrebleu": 1.5}))
-    # Nothing left to train and no final split: the earlier scores of step 2 stay.
-    _wmt(*_tiny_args(ding_sample, tmp_path, 2))
-    assert json.loads(results.read_text())["test_sacrebleu"] == 1.5
+    # Nothing left to train and no final split: the earlier scores of step 2 stay, and
+    # a run stopped by a signal at step 2 is now one that ended there.
+    results.write_text(json.dumps({**json.loads(results.read_text()), "preempted": True}))
+    for steps in (2, 1):
+        rerun = _wmt(*_tiny_args(ding_sample, tmp_path, steps))
+        assert f"step 2 is at or past --steps={steps}: nothing to train" in rerun.stdout
+        assert json.loads(results.read_text())["test_sacrebleu"] == 1.5
+        assert "preempted" not in json.loads(results.read_text())
     recorded = config_json.read_bytes()
     # Another direction is another run.
     args = [a.replace("=de-en", "=en-de") for a in _tiny_args(ding_sample, tmp_path, 4)]

@@ -8,6 +8,7 @@ made here with the real file names and inner layout, put in a manual_dir.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import socket
@@ -143,12 +144,14 @@ def _assert_lists(message: str, archives) -> None:
         assert f"{name} from {url}" in message
 
 
-def test_missing_archives_fail_at_once_without_download(tmp_path, no_new_connections):
+def test_missing_archives_fail_at_once_without_download(tmp_path, no_new_connections, caplog):
     manual = tmp_path / "manual"
     manual.mkdir()
     data_dir = tmp_path / "tfds"
     with pytest.raises(DataError) as error:
         wmt.prepare_wmt(DE_EN, str(data_dir), str(manual), download=False)
+    # The error is all a user sees: no TFDS warning about the folder not built yet.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     message = str(error.value)
     assert "\n" not in message
     assert "needs 4 archive(s)" in message and "downloads are off" in message

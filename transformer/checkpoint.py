@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging as pylogging
 import os
 import re
 import sys
@@ -33,6 +32,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from transformer.progress import hide_library_warning
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
@@ -49,23 +50,14 @@ def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINTS
 
 
-class _NoMissingMetadataWarning(pylogging.Filter):
-    """Drops orbax's "Metadata file does not exist" warning, which it logs from several
-    threads for a step folder it did not finish (empty, or copied in part): `restore`
-    names such a checkpoint in one line, and the warnings would come before it."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Metadata file does not exist")
-
-
-_NO_MISSING_METADATA_WARNING = _NoMissingMetadataWarning()
-
-
 def manager(
     workdir, keep: int | None = None, *, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """The workdir's CheckpointManager; keeps the last `keep` checkpoints."""
-    logging.get_absl_logger().addFilter(_NO_MISSING_METADATA_WARNING)  # added once
+    # Orbax logs "Metadata file does not exist" from several threads for a step folder
+    # it did not finish (empty, or copied in part); `restore` names such a checkpoint
+    # in one line, and the warnings would come before it.
+    hide_library_warning("Metadata file does not exist")
     # Reading only: nothing is created or cleaned up. (Orbax's own read_only
     # option does the same but warns twice on every use.)
     options = ocp.CheckpointManagerOptions(

@@ -90,7 +90,7 @@ class Evaluator:
         meter = None if limit else Meter(f"translating the {split} split", None, "sentences")
         translator = Translator(
             self.model, params, self.vocab, decode or self.decode, mesh=self.mesh,
-            on_progress=meter and meter.update,
+            on_progress=meter and meter.in_proportion(n),
         )  # fmt: skip
         hypotheses = translator.translate(sources)
         if meter:

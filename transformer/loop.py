@@ -41,7 +41,7 @@ from transformer.config import DataConfig, DecodeConfig, ModelConfig, TrainConfi
 from transformer.data import datasets, pipeline, vocab
 from transformer.data.vocab import VOCAB_FILE
 from transformer.evaluation import Evaluator
-from transformer.progress import format_duration, say
+from transformer.progress import counted, format_duration, say
 from transformer.train import (
     Program,
     TrainState,
@@ -143,6 +143,7 @@ def _write_results(workdir: str, results: dict) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         earlier = {}
     if isinstance(earlier, dict) and earlier.get("step") == results["step"]:
+        earlier.pop("preempted", None)  # this run says whether it was
         results = {**earlier, **results}
     path.write_text(json.dumps(results, indent=2))
 
@@ -212,7 +213,7 @@ def fit_recipe_to_host(setup: Setup, mesh) -> Setup:
     if jax.process_count() > 1:  # every process decides alike: process 0's timing
         seconds = float(multihost_utils.broadcast_one_to_all(np.float32(seconds)))
     steps = min(train.steps, int(60 * train.train_minutes / seconds))
-    budget = f"{train.train_minutes:g} minutes"
+    budget = counted(train.train_minutes, "minute")
     measured = f"a step takes {seconds:.2f}s here: about {steps:,} steps in {budget}"
     if steps >= train.dropout_min_steps:
         say(f"{measured}, dropout {model.dropout:g} kept")
@@ -296,6 +297,8 @@ class Run:
         iterator = self.data.iterator(start=step)
         place = sharding.batch_placer(self.mesh)
         batch = place(next(iterator))
+        if step >= cfg.steps:
+            say(f"step {step} is at or past --steps={cfg.steps}: nothing to train")
         try:
             while step < cfg.steps and not preemption.stop:
                 left = clock.minutes_left(step)

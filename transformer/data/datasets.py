@@ -19,13 +19,14 @@ from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSo
 from tensorflow_datasets.proto import tf_example_pb2
 
 from transformer.config import DataConfig
-from transformer.data import DataError, ding
+from transformer.data import DataError, ding, quiet_tfds
 
 SPLITS = ("train", "validation", "test")
 READ_CHUNK = 20_000  # records per batched read
 
 
 def _ding_builder(data: DataConfig) -> ding.DingDeEn:
+    quiet_tfds()
     return ding.DingDeEn(data_dir=data.data_dir, file_format="array_record")
 
 

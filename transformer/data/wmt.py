@@ -54,7 +54,7 @@ from tensorflow_datasets.translate import wmt as tfds_wmt
 from tensorflow_datasets.translate import wmt14, wmt17
 
 from transformer.config import DATASETS
-from transformer.data import DataError
+from transformer.data import DataError, quiet_tfds
 
 WMT_DATASETS = tuple(name for name in DATASETS if name.startswith("wmt"))
 BUILDERS = {"wmt14_translate": wmt14.Wmt14Translate, "wmt17_translate": wmt17.Wmt17Translate}
@@ -76,6 +76,7 @@ def wmt_builder(dataset: str, data_dir: str | None) -> tfds_wmt.WmtTranslate:
     if dataset not in WMT_DATASETS:
         raise DataError(f"unknown WMT dataset {dataset!r}; choose one of {', '.join(WMT_DATASETS)}")
     name, _, pair = dataset.partition("/")
+    quiet_tfds()
     with _no_bucket_lookup():
         return BUILDERS[name](config=pair, data_dir=data_dir, file_format="array_record")
 
