@@ -14,6 +14,7 @@ class Terminal(io.StringIO):
 def test_a_log_gets_a_line_per_interval_and_a_last_one():
     log = io.StringIO()
     meter = Meter("tokenizing the train split", 10, "examples", every_s=0.0, stream=log)
+    meter.start -= 2  # begun 2 s ago: long enough for a rate
     meter.advance(3)
     meter.advance(7)
     meter.finish()
@@ -22,7 +23,18 @@ def test_a_log_gets_a_line_per_interval_and_a_last_one():
     assert lines[0].startswith("tokenizing the train split: 3/10 examples, ")
     assert "examples/s, ETA " in lines[0]
     assert lines[1].startswith("tokenizing the train split: 10/10 examples, ")
-    assert "ETA" not in lines[1] and lines[1].endswith("0m00s")  # the time it took
+    assert "ETA" not in lines[1] and lines[1].endswith("0m02s")  # the time it took
+
+
+def test_a_first_update_at_once_shows_no_rate_or_eta():
+    log = io.StringIO()
+    meter = Meter("fitting", 7, "rounds", first_at_once=True, stream=log)
+    meter.advance(1)  # at once: 1 round in microseconds is no rate
+    assert log.getvalue() == "fitting: 1/7 rounds\n"
+    meter.start -= 10  # 10 s later
+    meter.advance(6)
+    meter.finish()
+    assert log.getvalue().splitlines()[-1].startswith("fitting: 7/7 rounds, 0.7 rounds/s, 0m1")
 
 
 def test_a_log_shows_the_last_count_once():

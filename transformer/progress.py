@@ -68,6 +68,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+RATE_AFTER_S = 1.0  # a meter shows its rate and ETA once it has run this long
+
+
 class Meter:
     """`label: [#####     ] 520/1000 sentences, 43.2 sentences/s, ETA 0m11s`."""
 
@@ -113,11 +116,14 @@ class Meter:
         if self.live or self.shown_done != self.done:
             self._show(final=True)
 
-    def line(self) -> str:
+    def line(self, final: bool = False) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
         count = f"{self.done:,}" if self.total is None else f"{self.done:,}/{self.total:,}"
-        text = f"{self.label}: {count} {self.unit}, {rate:,.1f} {self.unit}/s"
+        text = f"{self.label}: {count} {self.unit}"
+        if not final and elapsed < RATE_AFTER_S:
+            return text  # a rate from the first instants (1 round in 40 us) says nothing
+        text += f", {rate:,.1f} {self.unit}/s"
         if self.total and self.done < self.total and rate > 0:
             text += f", ETA {format_duration((self.total - self.done) / rate)}"
         elif self.done and (not self.total or self.done >= self.total):
@@ -128,7 +134,7 @@ class Meter:
         if not self.enabled:
             return
         self.shown_done = self.done
-        text = self.line()
+        text = self.line(final)
         if self.live and self.total:
             filled = int(20 * min(self.done / self.total, 1.0))
             text = text.replace(": ", f": [{'#' * filled}{' ' * (20 - filled)}] ", 1)
