@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
             f"{trained_flags.WORKDIR.value} is not writable; give --hypotheses=FILE elsewhere"
         )
     # On stderr: stdout carries the scores and their JSON line.
-    meter = Meter(f"translating {name}", None, "sentences", stream=sys.stderr)
+    meter = Meter(f"translating {name}", len(sources), "sentences", stream=sys.stderr)
     translator = trained_flags.translator(model, on_progress=meter.in_proportion(len(sources)))
     hypotheses = translator.translate(sources)
     meter.finish()

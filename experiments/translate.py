@@ -50,6 +50,7 @@ _LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
 SHOWN_INVALID_LINES = 5  # named one by one; a whole file in another encoding is then counted
+ICONV_HINT = " (is the input UTF-8? iconv -f latin1 -t utf-8 converts Latin-1)"
 
 
 def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, str, bool]]]:
@@ -78,11 +79,6 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _chunk_progress(meter: Meter, before: int, size: int):
-    """(sentences done, of) within a chunk of `size` lines -> lines done in all."""
-    return lambda done, of: meter.update(before + size * done // max(of, 1), meter.total)
-
-
 def translate_stream(
     translator: Translator, source: BinaryIO, sink: TextIO, chunk_lines: int, meter
 ) -> int:
@@ -96,8 +92,7 @@ def translate_stream(
         for number, _, invalid in chunk:
             invalid_lines += invalid
             if invalid and invalid_lines <= SHOWN_INVALID_LINES:
-                hint = " (is the input UTF-8? iconv -f latin1 -t utf-8 converts Latin-1)"
-                hint = hint if invalid_lines == 1 else ""
+                hint = ICONV_HINT if invalid_lines == 1 else ""
                 warn(f"line {number}: invalid UTF-8 replaced by U+FFFD{hint}")
         numbers = [number for number, _, _ in chunk]
         translator.on_split = lambda i, pieces, numbers=numbers: warn(
@@ -105,7 +100,7 @@ def translate_stream(
             f"{translator.max_source_tokens} tokens, translated in {pieces} pieces"
         )
         if meter is not None:
-            translator.on_progress = _chunk_progress(meter, total, len(chunk))
+            translator.on_progress = meter.in_proportion(len(chunk), before=total)
         outputs = translator.translate([text for _, text, _ in chunk])
         sink.writelines(one_line(out) + "\n" for out in outputs)
         sink.flush()

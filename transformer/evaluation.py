@@ -87,7 +87,7 @@ class Evaluator:
         pairs = source.texts(range(n))
         sources = [s for s, _ in pairs]
         references = [t for _, t in pairs]
-        meter = None if limit else Meter(f"translating the {split} split", None, "sentences")
+        meter = None if limit else Meter(f"translating the {split} split", n, "sentences")
         translator = Translator(
             self.model, params, self.vocab, decode or self.decode, mesh=self.mesh,
             on_progress=meter and meter.in_proportion(n),

@@ -106,10 +106,11 @@ class Meter:
         self.total = total
         self.advance(done - self.done)
 
-    def in_proportion(self, total: int):
-        """A translator's (pieces done, of) -> this meter's count out of `total`: it
-        decodes the distinct sentences, long ones in pieces, not the lines given."""
-        return lambda done, of: self.update(total * done // max(of, 1), total)
+    def in_proportion(self, size: int, before: int = 0):
+        """A translator's (pieces done, of) on `size` texts, after `before` counted
+        already -> this meter's count: it decodes the distinct texts, long ones in
+        pieces, not the lines given."""
+        return lambda done, of: self.update(before + size * done // max(of, 1), self.total)
 
     def finish(self) -> None:
         """The last line: what was done, in how long (unless a log has it already)."""
