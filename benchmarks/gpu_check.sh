@@ -15,7 +15,9 @@
 # OUTDIR gets check.log (everything), train_step.jsonl, and each run's
 # metrics.jsonl and results.json. Each part has its own time limit, so a slow
 # one costs its own figures only. Settings by environment: PYTHON (python3),
-# PRESETS (base,big), ROWS (200), LENGTH (128), TRAIN_MINUTES (1), PART_SECONDS (200).
+# PRESETS (base,big), ROWS (200), LENGTH (128), TRAIN_MINUTES (1), and the
+# limits RUN_SECONDS (210, each training run) and BARE_SECONDS (150), which keep
+# the whole under 10 minutes.
 #
 # A machine without network: put wheels of the packages it lacks in ./.whl (they
 # are installed under /tmp/site first) and, where /usr/share/trans/de-en is
@@ -29,7 +31,8 @@ python=${PYTHON:-python3}
 rows=${ROWS:-200}
 length=${LENGTH:-128}
 minutes=${TRAIN_MINUTES:-1}
-part_seconds=${PART_SECONDS:-200}
+run_seconds=${RUN_SECONDS:-210}
+bare_seconds=${BARE_SECONDS:-150}
 IFS=, read -r -a presets <<< "${PRESETS:-base,big}"
 scratch=$(mktemp -d /tmp/gpu_check.XXXXXX)
 log="$out/check.log"
@@ -60,7 +63,7 @@ for preset in "${presets[@]}"; do
   # One vocabulary for every run: the ids prepared for it are read again, not remade.
   [ -n "$previous" ] && cp "$scratch/$previous/vocab.model" "$workdir/"
   echo "== $preset: experiments.wmt, ${rows} x ${length} packed rows, ${minutes} min" | tee -a "$log"
-  timeout --signal=TERM --kill-after=30 "$part_seconds" "$python" -m experiments.wmt \
+  timeout --signal=TERM --kill-after=30 "$run_seconds" "$python" -m experiments.wmt \
     --flagfile="experiments/configs/wmt14_ende_$preset.flags" \
     --dataset=ding_de_en --direction=de-en --vocab_size=8000 "${manual[@]}" \
     --data_dir="$scratch/tfds" --workdir="$workdir" \
@@ -75,7 +78,7 @@ for preset in "${presets[@]}"; do
 done
 
 echo "== the bare step: benchmarks.train_step" | tee -a "$log"
-timeout --kill-after=30 "$part_seconds" "$python" -m benchmarks.train_step \
+timeout --kill-after=30 "$bare_seconds" "$python" -m benchmarks.train_step \
   --preset="${presets[0]}" --dtype=bfloat16 --rows="$rows" --length="$length" --repeats=20 \
   2> >(tee -a "$log" >&2) | tee -a "$log" "$out/train_step.jsonl"
 rm -rf "$scratch"
