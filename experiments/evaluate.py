@@ -14,6 +14,7 @@ hypotheses (one per line) and prints:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import sys
 from absl import flags
 
 from experiments import cli, config_flags, trained_flags
-from transformer import config, metrics
+from transformer import config, metrics, record
 from transformer.data import datasets
 from transformer.progress import Meter, counted
 
@@ -30,9 +31,27 @@ SOURCE_FILE = flags.DEFINE_string("source_file", None, "Translate this file inst
 REFERENCE_FILE = flags.DEFINE_string("reference_file", None, "References for --source_file.")
 LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N sentences (0: all).")
 HYPOTHESES = flags.DEFINE_string(
-    "hypotheses", None, "Where to write the translations (default: in the workdir)."
+    "hypotheses",
+    None,
+    "Where to write the translations (default: in the workdir, named by the source, the "
+    "checkpoints and any decoding setting given that differs from the workdir's).",
 )
 config_flags.define(config.DataConfig, only=("data_dir",), note=" Default: the training run's.")
+
+
+def changed_settings(recorded: config.DecodeConfig, used: config.DecodeConfig) -> str:
+    """The decoding settings that differ from the workdir's, as a file name's part
+    ('.beam_size1.mbr0'; '' for none), so that scoring with other settings does not
+    overwrite the hypotheses of the workdir's."""
+    parts = []
+    for field in dataclasses.fields(used):
+        value = getattr(used, field.name)
+        if value != getattr(recorded, field.name):
+            shown = int(value) if isinstance(value, bool) else value
+            parts.append(
+                f".{field.name}{shown:g}" if isinstance(value, float) else f".{field.name}{shown}"
+            )
+    return "".join(parts)
 
 
 def read_lines(path: str) -> list[str]:
@@ -99,7 +118,10 @@ def main(argv: list[str]) -> None:
     if not SOURCE_FILE.value:
         sources, references, name = pairs_from_split(data)
     steps = f"avg{len(model.steps)}" if len(model.steps) > 1 else model.steps[0]
-    tag = f"{name}{f'.first{LIMIT.value}' if LIMIT.value else ''}.{steps}"
+    settings = changed_settings(
+        record.read_configs(trained_flags.WORKDIR.value).decode, model.decode
+    )
+    tag = f"{name}{f'.first{LIMIT.value}' if LIMIT.value else ''}.{steps}{settings}"
     out = HYPOTHESES.value or os.path.join(trained_flags.WORKDIR.value, f"hypotheses.{tag}.txt")
     local = "://" not in trained_flags.WORKDIR.value
     if not HYPOTHESES.value and local and not os.access(trained_flags.WORKDIR.value, os.W_OK):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -453,7 +454,9 @@ def test_evaluate_scores_a_file_pair_and_a_split(trained_workdir, tmp_path):
     assert "the average of steps 160, 240" in text and "not comparable to sacreBLEU" in text
     scores = json.loads(text.strip().splitlines()[-1])
     assert 0.0 <= scores["sacrebleu"] <= 100.0 and scores["steps"] == [160, 240]
-    hypotheses = (trained_workdir / "hypotheses.test.avg2.txt").read_text().splitlines()
+    written = _hypotheses_file(text)
+    assert written == trained_workdir / "hypotheses.test.avg2.beam_size2.txt"  # not the default's
+    hypotheses = written.read_text().splitlines()
     assert len(hypotheses) == int(text.split(" sentences")[0].split()[-1].replace(",", "")) > 0
     n = len(hypotheses)
     assert f"translating test: {n}/{n} sentences" in result.stderr.decode()
@@ -473,15 +476,33 @@ def test_decoding_defaults_to_the_workdirs_beam_and_length_penalty(trained_workd
         "beam 2, alpha 1.5, no repeated 3-grams, MBR (chrF) over the 2 best against 3 samples "
         "(epsilon 0.02)\n"
     ) in text
+    written = [_hypotheses_file(text)]
     text = run_module(
         "experiments.evaluate", f"--workdir={workdir}", "--beam_size=1", "--length_penalty=0",
-        "--no_repeat_ngram=0", "--mbr=0", *args,
+        "--no_repeat_ngram=0", "--mbr=0", "--mbr_epsilon=0.02", *args,
     ).stdout.decode()  # fmt: skip
     assert "beam 1, alpha 0\n" in text
+    written.append(_hypotheses_file(text))
     # A beam narrower than the workdir's MBR list turns MBR off, and says so.
     result = run_module("experiments.evaluate", f"--workdir={workdir}", "--beam_size=1", *args)
     assert "beam 1, alpha 1.5, no repeated 3-grams\n" in result.stdout.decode()
     assert "--beam_size=1 is below the workdir's mbr=2: MBR off" in result.stderr.decode()
+    written.append(_hypotheses_file(result.stdout.decode()))
+    # Each set of settings has its own hypotheses: the workdir's under the plain name,
+    # the others named by what differs from it (--mbr_epsilon=0.02 is the workdir's).
+    plain = written[0].name.removesuffix(".txt")
+    assert [p.name for p in written] == [
+        f"{plain}.txt",
+        f"{plain}.beam_size1.length_penalty0.no_repeat_ngram0.mbr0.mbr_samples0.txt",
+        f"{plain}.beam_size1.mbr0.mbr_samples0.txt",
+    ]
+    assert all(p.parent == workdir and p.read_text().count("\n") == 1 for p in written)
+
+
+def _hypotheses_file(stdout: str) -> pathlib.Path:
+    """The file that evaluate's output names as its hypotheses."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith("hypotheses: ")]
+    return pathlib.Path(line.removeprefix("hypotheses: "))
 
 
 def test_attention_maps_writes_one_png_per_layer_and_kind(trained_workdir, tmp_path):
