@@ -25,7 +25,8 @@
 # missing, the corpus as .whl/de-en.gz (gzip of that file of Debian's trans-de-en).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+[ $# -eq 1 ] || { echo "usage: bash benchmarks/gpu_check.sh OUTDIR (one folder for its files)" >&2; exit 1; }
+out=$1
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 python=${PYTHON:-python3}
