@@ -27,8 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 1 ] || { echo "usage: bash benchmarks/gpu_check.sh OUTDIR (one folder for its files)" >&2; exit 1; }
 out=$1
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
 python=${PYTHON:-python3}
 rows=${ROWS:-200}
 length=${LENGTH:-128}
