@@ -32,6 +32,12 @@ def main(argv: list[str]) -> None:
     sentence, invalid = cli.decode_line(SENTENCE.value.encode("utf-8", "surrogateescape"))
     if invalid:
         print("warning: --sentence: invalid UTF-8 replaced by U+FFFD", file=sys.stderr)
+    out_dir = OUT_DIR.value or os.path.join(trained_flags.WORKDIR.value or "", "attention_maps")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise cli.UserError(f"--out_dir={out_dir} is a file; give a folder for the PNGs")
+    part = cli.workdir_part(out_dir)
+    if part is not None:
+        raise cli.UserError(f"--out_dir={out_dir} would write into {part}; give another folder")
     model = trained_flags.load()
     vocab, max_tokens = model.vocab, model.model.config.max_len - 1
     source_ids = vocab.encode(sentence)
@@ -42,7 +48,6 @@ def main(argv: list[str]) -> None:
     translator = trained_flags.translator(model)
     translation = translator.translate([sentence])[0]
     target_ids = vocab.encode(translation)[:max_tokens]
-    out_dir = OUT_DIR.value or os.path.join(trained_flags.WORKDIR.value, "attention_maps")
     paths = attention_maps.write_maps(
         model.model,
         model.params,

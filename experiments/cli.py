@@ -29,9 +29,15 @@ class UserError(Exception):
 def decode_line(raw: bytes, first: bool = False) -> tuple[str, bool]:
     """A line of input without its line ending, and whether it held invalid UTF-8
     (replaced by U+FFFD). The first line of a file loses a UTF-8 byte-order
-    mark, which editors on Windows write and which is not text."""
+    mark, which editors on Windows write and which is not text; a UTF-16 one
+    (Notepad's "Unicode", PowerShell 5's `>`) is refused."""
     raw = raw.rstrip(b"\n").rstrip(b"\r")
     if first:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # whatever followed would be garbage
+            raise UserError(
+                "the input is UTF-16 (it opens with a UTF-16 byte-order mark), not UTF-8; "
+                "convert it first: iconv -f utf-16 -t utf-8 IN > OUT"
+            )
         raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8"), False
@@ -60,9 +66,14 @@ def workdir_part(path: str) -> str | None:
 
 def check_output_file(flag: str, path: str, inputs: tuple[str, ...] = ()) -> None:
     """Refuses, before any work, an output path that cannot be written as a file,
-    that is one of `inputs`, or that is part of a training workdir."""
+    that is one of `inputs`, or that is part of a training workdir. A device or
+    pipe (/dev/stdout, /dev/null, a FIFO) only has to be writable."""
     if os.path.isdir(path):
         raise UserError(f"--{flag}={path} is a folder; give the name of a file to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"--{flag}={path} is not writable")
+        return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UserError(f"--{flag}={path}: the folder {parent} does not exist; create it first")
@@ -110,7 +121,12 @@ def fail(message: str, code: int = 1) -> None:
         pass
     # Another thread may have stopped mid-line; start ours on a line of its own.
     lead = "\n" if threading.active_count() > 1 else ""
-    os.write(real, f"{lead}{_program()}: error: {first_line}\n".encode())
+    line = f"{lead}{_program()}: error: {first_line}\n"
+    try:  # a path given in bytes that are not UTF-8 comes back as they were
+        data = line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = line.encode("utf-8", "backslashreplace")
+    os.write(real, data)
     if _leave_last:
         time.sleep(COORDINATOR_EXIT_GRACE_S)
     # Exit now: the interpreter's shutdown would wait for those threads.

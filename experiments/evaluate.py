@@ -61,6 +61,8 @@ def read_lines(path: str) -> list[str]:
             decoded = [cli.decode_line(raw, first=i == 0) for i, raw in enumerate(f)]
     except OSError as e:
         raise cli.UserError(f"{path} cannot be read: {e.strerror}") from e
+    except cli.UserError as e:
+        raise cli.UserError(f"{path}: {e}") from None
     lines = [text for text, _ in decoded]
     invalid = [number for number, (_, bad) in enumerate(decoded, 1) if bad]
     if invalid:

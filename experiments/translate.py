@@ -9,12 +9,14 @@ The workdir holds the model config, vocabulary and checkpoints, so nothing
 else is needed. Whatever the input, there is exactly one output line per input
 line, in order: an empty line gives an empty line; a line longer than the
 model's max length is translated in pieces (warned about on stderr); invalid
-UTF-8 is replaced by U+FFFD (warned about); a byte-order mark opening the
-input is dropped; an empty input gives no output and a warning. --input may be
+UTF-8 is replaced by U+FFFD (warned about); a UTF-8 byte-order mark opening
+the input is dropped, a UTF-16 one refused; an empty input gives no output and
+a warning. --input may be
 a pipe (/dev/stdin, <(...)), read once. A bad --output (a folder, the input
 itself, a training workdir's own files) is refused before the model loads,
 and a failed or interrupted run (Ctrl-C, SIGTERM) leaves no partial file
-behind; an --output that is a link is written through. Input is read and
+behind; an --output that is a link is written through; one that names
+stdout (-, /dev/stdout, the file `>>` appends to) writes to it. Input is read and
 translated in chunks, so a file of any size runs in bounded memory;
 sentences within a chunk are batched by length.
 """
@@ -36,7 +38,7 @@ from transformer.progress import Meter
 from transformer.translation import Translator
 
 INPUT = flags.DEFINE_string("input", None, "File to translate (default: stdin).")
-OUTPUT = flags.DEFINE_string("output", None, "File to write (default: stdout).")
+OUTPUT = flags.DEFINE_string("output", None, "File to write (default, or -: stdout).")
 CHUNK_LINES = flags.DEFINE_integer(
     "chunk_lines", 2000, "Lines read and translated at a time (bounds memory)."
 )
@@ -121,6 +123,17 @@ def _open_input(path: str) -> BinaryIO:
         raise cli.UserError(f"--input={path} cannot be read: {e.strerror}") from e
 
 
+def _is_stdout(path: str) -> bool:
+    """`-`, /dev/stdout, or any name of the file that stdout already is (`>> F`
+    with --output=F): written as stdout, never replaced."""
+    if path == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):
+        return False
+
+
 def _sink_path(path: str) -> str | None:
     """Where the translations are written and then renamed into `path`: beside
     the file a link points to (the link stays a link), or None for what is not
@@ -140,9 +153,10 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; text comes on stdin or --input")
     if CHUNK_LINES.value < 1 or BATCH_TOKENS.value < 1:
         raise cli.UserError("--chunk_lines and --decode_batch_tokens must be positive")
-    if OUTPUT.value is not None:
-        inputs = (INPUT.value,) if INPUT.value else ()
-        cli.check_output_file("output", OUTPUT.value, inputs)
+    output = None if OUTPUT.value is None or _is_stdout(OUTPUT.value) else OUTPUT.value
+    if output is not None:
+        # Without --input, stdin is the input: `--output=F < F` would empty F.
+        cli.check_output_file("output", output, (INPUT.value or "/dev/stdin",))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with contextlib.ExitStack() as stack:
         # Opened once, before the model loads: a pipe or FIFO (--input=/dev/stdin,
@@ -157,12 +171,12 @@ def main(argv: list[str]) -> None:
             meter = Meter("translating", total, "lines", stream=sys.stderr)
         # A named output is written beside its place and renamed when complete:
         # an interrupted run leaves an earlier file of that name untouched.
-        partial = _sink_path(OUTPUT.value) if OUTPUT.value else None
+        partial = _sink_path(output) if output else None
         try:
             if partial:
                 sink = stack.enter_context(open(partial, "w", encoding="utf-8"))
-            elif OUTPUT.value:
-                sink = stack.enter_context(open(OUTPUT.value, "w", encoding="utf-8"))
+            elif output:
+                sink = stack.enter_context(open(output, "w", encoding="utf-8"))
             else:
                 sys.stdout.reconfigure(encoding="utf-8")
                 sink = sys.stdout

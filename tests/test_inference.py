@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -403,6 +404,14 @@ def test_averaging_two_checkpoints_is_their_mean(trained_workdir, tmp_path):
     ):
         np.testing.assert_allclose(mean, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-6)
     assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])  # they do differ
+    # The average carries a fingerprint, as training's checkpoints do: altered bytes are named.
+    params = output / "checkpoints" / "240" / "params"
+    data = max((f for f in params.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+    with pytest.raises(trained.CheckpointError, match="is corrupt: its parameters do not match"):
+        trained.load(str(output))
 
 
 def test_averaging_more_checkpoints_than_exist_is_refused(trained_workdir, tmp_path):
@@ -605,6 +614,8 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
         (copy / "config.json").write_text(json.dumps(record))
     elif damage == "vocab_garbage":
         (copy / VOCAB_FILE).write_bytes(bytes(range(256)) * 2)
+    elif damage == "vocab_empty":
+        (copy / VOCAB_FILE).write_bytes(b"")
     elif damage == "latest_checkpoint_truncated":
         params = copy / "checkpoints" / "240" / "params"
         data = max((f for f in params.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
@@ -618,8 +629,9 @@ def _damaged_copy(trained_workdir, tmp_path, damage: str):
         ("config_not_json", "config.json is not valid JSON"),
         ("config_without_records", "config.json is not a training config"),
         ("config_without_d_model", "its model record lacks d_model"),
-        ("config_bad_value", "config.json: model num_heads must be a positive integer, got 0"),
+        ("config_bad_value", "config.json: model num_heads must be a positive integer"),
         ("vocab_garbage", "vocab.model: not a SentencePiece model"),
+        ("vocab_empty", "vocab.model: not a SentencePiece model (it is empty); restore it"),
         (
             "latest_checkpoint_truncated",
             "checkpoints/240 cannot be restored: Encountered error while reading",
@@ -682,8 +694,14 @@ def test_outputs_that_are_an_input_or_part_of_a_workdir_are_refused(trained_work
          "--split and --source_file exclude each other"),
         ("experiments.average", [f"--output={trained_workdir / 'checkpoints' / '9999'}"],
          f"would overwrite the checkpoints of {trained_workdir}"),
-        ("experiments.average", ["--last=2", f"--output={other}"],
+        # Refused before the checkpoints are read (which --last=99 would fail).
+        ("experiments.average", ["--last=99", f"--output={other}"],
          f"{other} holds another run's config.json"),
+        ("experiments.attention_maps", ["--sentence=Das Haus.",
+                                        f"--out_dir={trained_workdir / 'checkpoints'}"],
+         f"would write into the checkpoints of {trained_workdir}"),
+        ("experiments.attention_maps", ["--sentence=Das Haus.", f"--out_dir={source}"],
+         "is a file; give a folder"),
     ]  # fmt: skip
     for module, args, message in cases:
         result = run_module(module, f"--workdir={trained_workdir}", *args, check=False)
@@ -711,8 +729,6 @@ def test_translate_reads_a_pipe_once_drops_a_byte_order_mark_and_writes_through_
 
 def test_translate_stopped_by_sigterm_keeps_the_earlier_output(trained_workdir, tmp_path):
     import signal
-    import subprocess
-    import sys
     import time
 
     source, out = tmp_path / "in.txt", tmp_path / "out.txt"
@@ -734,6 +750,69 @@ def test_translate_stopped_by_sigterm_keeps_the_earlier_output(trained_workdir, 
     lines = stderr.decode().strip().splitlines()
     assert process.returncode == 130 and lines[-1].endswith("error: interrupted"), lines[-3:]
     assert out.read_text() == "earlier\n" and not partial.exists()
+
+
+def _translate(workdir, *args: str, stdin, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    """experiments.translate with stdin and stdout as given (files, not only pipes)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    command = [sys.executable, "-m", "experiments.translate", f"--workdir={workdir}", *args]
+    return subprocess.run(command, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env)
+
+
+def test_translate_writes_to_stdout_by_name_through_a_pipe_or_an_appended_file(
+    trained_workdir, tmp_path
+):
+    source = tmp_path / "in.txt"
+    source.write_text("Das Haus ist schön.\nDer Hund.\n")
+    with open(source, "rb") as stdin:  # once: "No such file ... pipe:[...].partial"
+        piped = _translate(trained_workdir, "--beam_size=1", "--output=/dev/stdout", stdin=stdin)
+    assert piped.returncode == 0, piped.stderr.decode()[-2000:]
+    assert len(_lines(piped.stdout)) == 2
+    out = tmp_path / "out.txt"
+    out.write_text("earlier\n")
+    with open(source, "rb") as stdin, open(out, "ab") as appended:  # once: replaced the file
+        result = _translate(
+            trained_workdir, "--beam_size=1", "--output=/dev/stdout", stdin=stdin, stdout=appended
+        )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert _lines(out.read_bytes()) == ["earlier", *_lines(piped.stdout)]
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.txt"]
+    with open(source, "rb") as stdin:  # --output=F < F: once emptied F
+        result = _translate(trained_workdir, f"--output={source}", stdin=stdin)
+    assert "is also the input" in _one_line_error(result, "experiments.translate")
+    assert source.read_text() == "Das Haus ist schön.\nDer Hund.\n"
+
+
+def test_utf16_input_is_refused_in_one_line(trained_workdir, tmp_path):
+    utf16 = "Das Haus.\r\nDer Hund.\r\n".encode("utf-16")  # with its byte-order mark
+    out = tmp_path / "out.txt"
+    result = run_module(
+        "experiments.translate", f"--workdir={trained_workdir}", f"--output={out}",
+        stdin=utf16, check=False,
+    )  # fmt: skip
+    assert "the input is UTF-16" in _one_line_error(result, "experiments.translate")
+    assert os.listdir(tmp_path) == []  # once: three lines of garbage, and a fourth
+    (tmp_path / "src.txt").write_bytes(utf16)
+    (tmp_path / "ref.txt").write_text("The house.\nThe dog.\n")
+    result = run_module(
+        "experiments.evaluate", f"--workdir={trained_workdir}",
+        f"--source_file={tmp_path / 'src.txt'}", f"--reference_file={tmp_path / 'ref.txt'}",
+        check=False,
+    )  # fmt: skip
+    line = _one_line_error(result, "experiments.evaluate")
+    assert f"{tmp_path / 'src.txt'}: the input is UTF-16" in line and "iconv -f utf-16" in line
+
+
+def test_an_error_naming_a_path_that_is_not_utf8_is_printed(tmp_path):
+    path = os.fsencode(tmp_path) + b"/caf\xe9"  # Latin-1 bytes, as a shell would pass them
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.translate", b"--workdir=" + path],
+        input=b"Hallo\n", capture_output=True, env=env,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr  # once: nothing at all
+    assert lines[0].startswith(b"experiments.translate: error: ") and path in lines[0]
 
 
 def test_evaluate_refuses_empty_files_and_warns_about_invalid_utf8(trained_workdir, tmp_path):

@@ -69,7 +69,9 @@ def test_table3_command_prints_every_row():
         assert config.PRESETS[name].row in out
     assert "214.25M" in out and "213M" in out  # big: ours beside the paper's
     for flag, message in (
-        ("--vocab_size=0", "vocab_size must be a positive integer, got 0"),
+        ("--vocab_size=0", "vocab_size must be a positive integer below 2**31, got 0"),
+        # Beyond int32: once an OverflowError from jax.eval_shape.
+        ("--vocab_size=3000000000", "vocab_size must be a positive integer below 2**31"),
         ("--num_heads=16", "only --vocab_size applies, not --num_heads"),
     ):
         result = subprocess.run(

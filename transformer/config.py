@@ -42,6 +42,12 @@ def positive(value) -> str | None:
     return None if ok else "must be a positive integer"
 
 
+def dimension(value) -> str | None:
+    """A size of the model: what jax's int32 shapes and token ids can hold."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
+    return None if ok else "must be a positive integer below 2**31"
+
+
 def non_negative(value) -> str | None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     return None if ok else "must be an integer >= 0"
@@ -131,15 +137,17 @@ class ModelConfig(_Config):
         "settings do not).",
         choices=ARCHITECTURES,
     )
-    vocab_size: int = setting(37000, "Size of the shared SentencePiece vocabulary.", check=positive)
-    d_model: int = setting(512, "Model width.", check=positive)
-    d_ff: int = setting(2048, "Inner width of the feed-forward blocks.", check=positive)
-    num_heads: int = setting(8, "Attention heads.", check=positive)
-    d_k: int = setting(64, "Per-head query/key size.", check=positive)
+    vocab_size: int = setting(
+        37000, "Size of the shared SentencePiece vocabulary.", check=dimension
+    )
+    d_model: int = setting(512, "Model width.", check=dimension)
+    d_ff: int = setting(2048, "Inner width of the feed-forward blocks.", check=dimension)
+    num_heads: int = setting(8, "Attention heads.", check=dimension)
+    d_k: int = setting(64, "Per-head query/key size.", check=dimension)
     # Separate from d_k: Table 3's rows (B) shrink the keys only.
-    d_v: int = setting(64, "Per-head value size.", check=positive)
-    num_encoder_layers: int = setting(6, "Encoder layers.", check=positive)
-    num_decoder_layers: int = setting(6, "Decoder layers.", check=positive)
+    d_v: int = setting(64, "Per-head value size.", check=dimension)
+    num_encoder_layers: int = setting(6, "Encoder layers.", check=dimension)
+    num_decoder_layers: int = setting(6, "Decoder layers.", check=dimension)
     dropout: float = setting(
         0.1, "Dropout on the residual branches and embeddings+positions (P_drop).", check=fraction
     )
@@ -148,7 +156,7 @@ class ModelConfig(_Config):
     positional: Literal["sinusoidal", "learned"] = setting(
         "sinusoidal", "Positional encoding.", choices=POSITIONAL
     )
-    max_len: int = setting(256, "Longest source or target sequence, in tokens.", check=positive)
+    max_len: int = setting(256, "Longest source or target sequence, in tokens.", check=dimension)
     layer_norm: Literal["post", "pre"] = setting(
         "post", "Layer norm placement: post (the paper's) or pre.", choices=LAYER_NORMS
     )

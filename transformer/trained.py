@@ -144,22 +144,20 @@ def write_average(workdir: str, last: int, output: str) -> Trained:
     `output` gets the config and vocabulary of `workdir` and one checkpoint,
     at the newest averaged step, whose meta lists the steps averaged.
     """
-    trained = load(workdir, average_last=last)
     out = epath.Path(output)
-    if out.resolve() == epath.Path(workdir).resolve():
-        raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
-    if (out / checkpoint.CHECKPOINTS).exists() and record.checkpoint_steps(output):
-        raise CheckpointError(f"{output} already holds checkpoints; choose a new --output")
-    for name in (record.CONFIG_FILE, VOCAB_FILE):  # another run's: not overwritten
-        mine = (epath.Path(workdir) / name).read_bytes()
-        if (out / name).exists() and (out / name).read_bytes() != mine:
-            raise CheckpointError(f"{output} holds another run's {name}; choose a new --output")
+    _check_average_output(workdir, output)  # before the restores, which take minutes at scale
+    trained = load(workdir, average_last=last)
     out.mkdir(parents=True, exist_ok=True)
     for name in (record.CONFIG_FILE, VOCAB_FILE):
         (out / name).write_bytes((epath.Path(workdir) / name).read_bytes())
     mngr = checkpoint.manager(output, async_save=False)
     step = trained.steps[-1]
-    meta = {"step": step, "averaged_steps": list(trained.steps), "source": str(workdir)}
+    meta = {
+        "step": step,
+        "averaged_steps": list(trained.steps),
+        "source": str(workdir),
+        "fingerprint": checkpoint.fingerprint(trained.params),  # checked on every restore
+    }
     mngr.save(
         step,
         args=checkpoint.ocp.args.Composite(
@@ -170,3 +168,17 @@ def write_average(workdir: str, last: int, output: str) -> Trained:
     mngr.wait_until_finished()
     mngr.close()
     return trained
+
+
+def _check_average_output(workdir: str, output: str) -> None:
+    """Refuses an --output of `write_average` that is the workdir itself, holds
+    checkpoints, or holds another run's config or vocabulary (never overwritten)."""
+    out = epath.Path(output)
+    if out.resolve() == epath.Path(workdir).resolve():
+        raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
+    if (out / checkpoint.CHECKPOINTS).exists() and record.checkpoint_steps(output):
+        raise CheckpointError(f"{output} already holds checkpoints; choose a new --output")
+    for name in (record.CONFIG_FILE, VOCAB_FILE):
+        mine, theirs = epath.Path(workdir) / name, out / name
+        if mine.is_file() and theirs.exists() and theirs.read_bytes() != mine.read_bytes():
+            raise CheckpointError(f"{output} holds another run's {name}; choose a new --output")

@@ -37,6 +37,11 @@ class Vocabulary:
 
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
+        if not model_proto:  # which SentencePiece would take for a model with no pieces
+            raise DataError(
+                "not a SentencePiece model (it is empty); restore it from a copy, "
+                "or train in a new --workdir"
+            )
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
@@ -48,7 +53,8 @@ class Vocabulary:
         if ids != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
             raise DataError(
                 f"vocabulary has special ids pad/eos/bos/unk = {ids}, expected "
-                f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; delete it to train a new one"
+                f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}: not one this project trained; "
+                "restore the workdir's own, or train in a new --workdir"
             )
 
     @classmethod
