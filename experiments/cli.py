@@ -169,6 +169,10 @@ def run(main: Callable[[list[str]], None]) -> None:
             fail(str(e))
         except KeyboardInterrupt:  # Ctrl-C (or SIGTERM where an entry point maps it)
             fail("interrupted", code=130)
+        except ImportError as e:  # etils and tfds reach gs:// through gcsfs, an extra
+            if "gcsfs" not in str(e):
+                raise
+            fail("a gs:// path needs gcsfs: pip install gcsfs (the [tpu] and [cuda] extras do)")
         except BrokenPipeError:  # the reader went away (| head): nothing left to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             os._exit(1)

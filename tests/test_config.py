@@ -62,6 +62,13 @@ def test_invalid_train_config_names_the_setting(changes, named):
         config.TrainConfig(**changes).validate()
 
 
+def test_subword_sampling_with_a_bpe_vocabulary_is_refused():
+    # Once a traceback from SentencePiece's NBestEncode, after all of the data's preparation.
+    with pytest.raises(config.ConfigError, match="subword_sampling needs vocab_model unigram"):
+        config.DataConfig(vocab_model="bpe", subword_sampling=0.1).validate()
+    config.DataConfig(vocab_model="unigram", subword_sampling=0.1).validate()
+
+
 @pytest.mark.parametrize(
     "changes, named",
     [

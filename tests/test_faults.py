@@ -184,6 +184,29 @@ def test_sigterm_is_answered_within_three_steps_of_the_last_finished_one(
     assert 0 <= _steps(workdir)[-1] - signalled <= 3
 
 
+def test_sigterm_during_the_final_evaluation_stops_it(ding_sample, uninterrupted, tmp_path):
+    """The last checkpoint is saved before the final evaluation, which a spot VM's
+    notice then ends (once: a 'saving a checkpoint' line, and minutes more of it)."""
+    workdir = tmp_path / "evaluating"
+    shutil.copytree(uninterrupted, workdir)
+    slow_decoding = ["--beam_size=8", "--mbr=8", "--mbr_samples=64"]
+    args = [*tiny_training_args(ding_sample, workdir, 24), "--final_eval_split=test"]
+    proc = _start([*args, *slow_decoding])
+    for line in proc.stdout:
+        if line.startswith("step 24 is at or past --steps=24"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.monotonic() - signalled < 20
+    assert "SIGTERM received during the final evaluation: stopped; step 24 is saved" in out
+    assert "test: sacreBLEU" not in out and "saving a checkpoint" not in out
+    assert json.loads((workdir / "results.json").read_text())["preempted"] is True
+    assert _steps(workdir)[-1] == 24
+
+
 # ----------------------------------------------------------------------------
 # 3. Corrupt checkpoints
 # ----------------------------------------------------------------------------
@@ -245,6 +268,48 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
     aside = workdir / "checkpoints" / "24.unreadable"
     assert aside.is_dir() and _contents(aside) == _contents(latest_before)
     assert _steps(workdir)[-2:] == [24, 28]
+
+
+def test_a_fallback_with_no_readable_checkpoint_moves_none_aside(
+    ding_sample, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "all_bad"
+    shutil.copytree(uninterrupted, workdir)
+    for step in _steps(workdir):
+        os.remove(workdir / "checkpoints" / str(step) / "params" / "manifest.ocdbt")
+    before = _contents(workdir / "checkpoints")
+    args = [*tiny_training_args(ding_sample, workdir, 28), "--fallback_checkpoint"]
+    line = _one_line_error(run_module("experiments.wmt", *args, check=False))
+    assert "can be restored, so none was moved aside" in line
+    # Once all were renamed *.unreadable, and the next run trained from step 0.
+    assert _contents(workdir / "checkpoints") == before
+
+
+def test_checkpoints_of_other_flags_are_refused_not_moved_aside(
+    ding_sample, uninterrupted, tmp_path
+):
+    """Without config.json to compare with, the checkpoint's own arrays tell another
+    model; that is no damage, and --fallback_checkpoint moves nothing for it."""
+    workdir = tmp_path / "other_model"
+    shutil.copytree(uninterrupted, workdir)
+    os.remove(workdir / "config.json")
+    before = _contents(workdir / "checkpoints")
+    for extra in ([], ["--fallback_checkpoint"]):
+        args = [*tiny_training_args(ding_sample, workdir, 28), "--d_ff=96", *extra]
+        line = _one_line_error(run_module("experiments.wmt", *args, check=False))
+        assert "written with other model or optimizer flags; rerun with those" in line
+        assert "--fallback_checkpoint" not in line
+    assert _contents(workdir / "checkpoints") == before
+
+
+def test_a_run_resumes_with_gradient_clipping_turned_on(ding_sample, uninterrupted, tmp_path):
+    """As the non-finite loss error advises; the optimizer's state is Adam's either way
+    (once optax.chain's, which the checkpoint did not hold: an unreadable checkpoint)."""
+    workdir = tmp_path / "clipped"
+    shutil.copytree(uninterrupted, workdir)
+    args = [*tiny_training_args(ding_sample, workdir, 26), "--grad_clip_norm=1.0"]
+    assert "resumed from step 24" in run_module("experiments.wmt", *args).stdout.decode()
+    assert _steps(workdir)[-1] == 26
 
 
 # ----------------------------------------------------------------------------

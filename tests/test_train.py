@@ -555,9 +555,12 @@ def test_a_slow_host_trains_without_dropout(tmp_path, capsys):
     ample = dataclasses.replace(setup, train=recipe.replace(train_minutes=600, dropout_min_steps=2))
     assert fit_recipe_to_host(ample, mesh).model == model
     assert "dropout 0.1 kept" in capsys.readouterr().out
-    # A resumed run keeps what its workdir recorded, whatever the host measures now.
+    # A resumed run keeps what its workdir recorded, whatever the host measures now,
+    # also when it trains on by steps alone (once refused as a model of other dropout).
     record.write_config(str(tmp_path), slow.configs())
     assert fit_recipe_to_host(ample, mesh).model == slow.model
+    by_steps = dataclasses.replace(setup, train=recipe.replace(train_minutes=0))
+    assert fit_recipe_to_host(by_steps, mesh).model == slow.model
     assert capsys.readouterr().out == ""
 
 
@@ -761,3 +764,30 @@ def test_timing_the_step_on_this_host_compiles_it_for_the_run(
     compiled = [m.split()[4] for m in messages if m.startswith("Finished XLA compilation of")]
     assert compiled.count("jit(train_step)") == 1, compiled
     assert compiled.count("jit(initial)") == 1, compiled
+
+
+def test_gradient_clipping_scales_the_gradient_and_keeps_adams_state():
+    model, params = config.preset("tiny"), {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+    plain = train.make_optimizer(model, config.TrainConfig())
+    clipped = train.make_optimizer(model, config.TrainConfig(grad_clip_norm=1.0))
+    assert jax.tree.structure(clipped.init(params)) == jax.tree.structure(plain.init(params))
+    # A first gradient of norm 50 (clipped to 1), then one of norm 0.5 (kept): Adam
+    # sees their ratio, so the second update tells clipping from none.
+    grads = [{"w": jnp.full(3, 30.0 / 3**0.5), "b": jnp.full(2, 40.0 / 2**0.5)}]
+    grads.append(jax.tree.map(lambda g: g / 100, grads[0]))
+    by_hand = [jax.tree.map(lambda g: g / 50, grads[0]), grads[1]]
+
+    def updates(optimizer, sequence):
+        state, out = optimizer.init(params), []
+        for g in sequence:
+            u, state = optimizer.update(g, state, params)
+            out.append(np.concatenate([np.asarray(u["b"]), np.asarray(u["w"])]))
+        return out
+
+    ours, expected, unclipped = (
+        updates(clipped, grads),
+        updates(plain, by_hand),
+        updates(plain, grads),
+    )
+    np.testing.assert_allclose(ours[1], expected[1], rtol=1e-5)
+    assert not np.allclose(ours[1], unclipped[1], rtol=1e-2)

@@ -118,6 +118,7 @@ def test_fitting_shows_sentencepieces_rounds_and_keeps_its_log_off_stderr(monkey
     """The rounds are counted from SentencePiece's own log; the first one says how
     many will follow, and that count is what then happens."""
     trained, _, seen = _train_recording_progress(monkeypatch, "unigram")
+    assert trained.can_sample()
     total = seen[0][1]
     assert total > 1 and seen == [(k, total) for k in range(1, total + 1)] + [(total, total)]
     out, err = capfd.readouterr()
@@ -135,6 +136,7 @@ def test_a_bpe_vocabulary_has_the_special_ids_and_shows_its_merges(monkeypatch, 
     trained, texts, seen = _train_recording_progress(monkeypatch, "bpe")
     spec = sentencepiece_model_pb2.ModelProto.FromString(trained.proto).trainer_spec
     assert spec.model_type == spec.BPE
+    assert not trained.can_sample()  # no n-best segmentations: no subword sampling
     assert trained.size == 2000
     assert trained.pieces([PAD_ID, EOS_ID, BOS_ID, UNK_ID]) == ["<pad>", "</s>", "<s>", "<unk>"]
     assert trained.decode(trained.encode(texts[0])) == texts[0]

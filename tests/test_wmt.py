@@ -383,3 +383,26 @@ def test_archive_with_a_foreign_checksum_is_a_data_error(manual_dir, tmp_path, n
         patch.setattr(wmt14.Wmt14Translate, "url_infos", REAL_CHECKSUMS)
         with pytest.raises(DataError, match="sha256 differ from TFDS's registry"):
             wmt.prepare_wmt(DE_EN, str(tmp_path), str(manual_dir), download=False)
+
+
+def test_a_gs_path_without_gcsfs_is_one_line(tmp_path):
+    """gs:// data_dirs and workdirs reach GCS through gcsfs, in the [tpu] and [cuda]
+    extras only. A `gcsfs` that fails to import, as fsspec reports a missing one,
+    makes the test independent of what is installed (and keeps it offline)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "gcsfs.py").write_text(
+        'raise ImportError("Please install gcsfs to access Google Storage")\n'
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.prepare_data", "--data_dir=gs://bucket/tfds"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]  # once: 74 lines
+    assert lines[0] == (
+        "experiments.prepare_data: error: a gs:// path needs gcsfs: pip install gcsfs "
+        "(the [tpu] and [cuda] extras do)"
+    )

@@ -43,6 +43,17 @@ class CheckpointError(Exception):
     """A checkpoint cannot be used; the message names it and what to do."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose arrays are not this run's model's or optimizer's: written
+    with other flags, not damaged, so never moved aside by a fallback."""
+
+
+_MISMATCH = "it was written with other model or optimizer flags; rerun with those"
+
+# Orbax's words for a tree of arrays other than the one asked for.
+_OTHER_TREE = ("tree structures do not match", "is not compatible with the stored shape")
+
+
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
     """workdir/checkpoints, made absolute (orbax refuses relative paths)."""
     if "://" not in str(workdir):
@@ -168,6 +179,10 @@ def restore(
         with _stderr_held_back():
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        if any(words in str(e) for words in _OTHER_TREE):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds other arrays than this run's state: {_MISMATCH}"
+            ) from e
         raise CheckpointError(f"checkpoint {path} cannot be restored: {_tensorstore(e)}") from e
     _check_shapes(path, abstract_params, restored["params"])
     expected = restored["meta"].get("fingerprint")
@@ -229,9 +244,9 @@ def _check_shapes(path, expected, restored) -> None:
         strict=True,
     ):
         if tuple(want.shape) != tuple(got.shape):
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"checkpoint {path} holds {jax.tree_util.keystr(key)} of shape {got.shape}, "
-                f"the model expects {want.shape}: it belongs to a different model config"
+                f"the model expects {want.shape}: {_MISMATCH}"
             )
 
 
@@ -241,12 +256,18 @@ def restore_latest(
     """The newest checkpoint, or None if there is none.
 
     An unreadable newest checkpoint is an error; with `fallback` the previous
-    ones are tried in turn (nothing is deleted).
+    ones are tried in turn, and those newer than the first readable one are
+    moved aside (nothing is deleted). A checkpoint of other flags
+    (CheckpointMismatchError) is no reason to fall back: the older ones were written
+    with the same flags.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
+    unreadable = []
     for i, step in enumerate(steps):
         try:
             restored, error = restore(mngr, step, abstract_params, abstract_opt_state), None
+        except CheckpointMismatchError:
+            raise
         except CheckpointError as e:
             if not fallback:
                 hint = (
@@ -259,13 +280,18 @@ def restore_latest(
         if fallback and jax.process_count() > 1:
             error = _unreadable_everywhere(mngr.directory / str(step), error)
         if error is None:
+            # Proven unreadable: moved aside (not deleted) so that this run can write
+            # their steps again, and kept for inspection; by one process of several.
+            if jax.process_index() == 0:
+                for bad, why in unreadable:
+                    _move_aside(mngr.directory / str(bad), why)
             return restored
-        # Proven unreadable: moved aside (not deleted) so that this run can write
-        # its step again, and kept for inspection; by one process of several.
-        if jax.process_index() == 0:
-            _move_aside(mngr.directory / str(step), error)
-    if steps:
-        raise CheckpointError(f"no readable checkpoint in {mngr.directory}")
+        unreadable.append((step, error))
+    if steps:  # moving them all aside would start the next run from scratch
+        raise CheckpointError(
+            f"no checkpoint in {mngr.directory} can be restored, so none was moved aside; "
+            f"the newest: {unreadable[0][1]}"
+        )
     return None
 
 

@@ -647,3 +647,8 @@ class DataConfig(_Config):
                 f"max_len ({self.max_len}) must not exceed row_length ({self.row_length}) "
                 "when batching is packed: a kept example must fit in a row"
             )
+        if self.subword_sampling and self.vocab_model == "bpe":
+            raise ConfigError(
+                "subword_sampling needs vocab_model unigram: SentencePiece's BPE has no "
+                "n-best segmentations to sample from"
+            )

@@ -193,15 +193,20 @@ def fit_recipe_to_host(setup: Setup, mesh) -> Setup:
     """No dropout where the time budget buys fewer than `dropout_min_steps` steps.
 
     Decided once, when the workdir is new, from the compiled step timed on a
-    batch of the run's shape; a resumed run keeps what its config.json records.
+    batch of the run's shape; a resumed run keeps what its config.json records,
+    whatever its own budget (one that trains on by --steps alone has none).
     """
     train, model = setup.train, setup.model
-    if not (train.train_minutes and train.dropout_min_steps and model.dropout > 0):
+    if model.dropout <= 0:
         return setup
     no_dropout = model.replace(dropout=0.0, attention_dropout=0.0, relu_dropout=0.0)
     if (epath.Path(setup.workdir) / record.CONFIG_FILE).exists():
-        recorded = record.read_configs(setup.workdir).model
-        return dataclasses.replace(setup, model=no_dropout) if recorded.dropout == 0 else setup
+        recorded = record.read_configs(setup.workdir)
+        was = recorded.train  # a recipe that could have turned dropout off
+        adapted = recorded.model.dropout == 0 and was.train_minutes and was.dropout_min_steps
+        return dataclasses.replace(setup, model=no_dropout) if adapted else setup
+    if not (train.train_minutes and train.dropout_min_steps):
+        return setup
     data = setup.data
     rows, length = data.batch_rows, data.row_length
     if data.batching == "bucketed":
@@ -344,18 +349,31 @@ class Run:
                 "or use --nan_policy=skip"
             ) from None
         finally:
-            preemption.close()
+            preemption.close(step)
             iterator.close()  # stops grain's worker processes, if any
         if step != saver.saved_step:
             saver.save(step, state, clock.training_seconds())
         saver.close()
         train_minutes = clock.training_seconds() / 60
-        if preemption.stop:
-            return {"step": step, "preempted": True, "train_minutes": train_minutes}
         results = {"step": step, "train_minutes": train_minutes}
-        params = state.params
-        if cfg.final_eval_average_last > 1:
-            params, averaged = average_last(self.setup.workdir, params, cfg.final_eval_average_last)
+        preempted = {**results, "preempted": True}
+        if preemption.stop:
+            return preempted
+        try:
+            with preemption.interrupting():
+                return {**results, **self._final(state.params, step)}
+        except Preempted:
+            say(
+                f"SIGTERM received during the final evaluation: stopped; step {step} is saved, "
+                "and the same command evaluates it"
+            )
+            return preempted
+
+    def _final(self, params, step: int) -> dict:
+        """The final evaluation (of the mean of the last checkpoints, where asked)."""
+        results, last = {}, self.setup.train.final_eval_average_last
+        if last > 1:
+            params, averaged = average_last(self.setup.workdir, params, last)
             results["averaged_steps"] = averaged
             say(f"final evaluation with the mean of checkpoints {', '.join(map(str, averaged))}")
         results.update(self.evaluator.final(params))
@@ -501,10 +519,34 @@ class Preemption:
         processes one that any of them received, as last agreed."""
         return self.agreed if jax.process_count() > 1 else self.requested
 
-    def close(self) -> None:
-        """After the loop: Ctrl-C interrupts again (the final evaluation, say)."""
+    def close(self, step: int) -> None:
+        """After the loop, which stopped at `step`: Ctrl-C interrupts again (the
+        last save is then the only thing a SIGTERM still waits for)."""
+        self.completed = step
         if self.installed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """SIGTERM raises Preempted within: the final evaluation has nothing to
+        save, and a spot VM's notice leaves it seconds, not minutes."""
+        if not self.installed:
+            yield
+            return
+
+        def stop(signum, frame):
+            raise Preempted
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class Preempted(BaseException):
+    """SIGTERM during the final evaluation (a BaseException, as KeyboardInterrupt: no
+    library's `except Exception` takes it for a failure of its own)."""
 
 
 # ----------------------------------------------------------------------------

@@ -65,13 +65,24 @@ def _schedule(model: ModelConfig, train: TrainConfig):
 
 
 def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
-    """Adam(0.9, 0.98, 1e-9) on the paper's schedule, optionally after norm clipping."""
+    """Adam(0.9, 0.98, 1e-9) on the paper's schedule, optionally after norm clipping.
+
+    The clipping keeps no state, and is applied outside optax.chain so that the
+    optimizer's state is Adam's either way: a run may resume with clipping
+    turned on (as the non-finite loss error advises) or off.
+    """
     adam = optax.adam(
         _schedule(model, train), b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps
     )
-    if train.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adam)
-    return adam
+    if train.grad_clip_norm <= 0:
+        return adam
+    clip = optax.clip_by_global_norm(train.grad_clip_norm)
+
+    def update(grads, state, params=None):
+        grads, _ = clip.update(grads, optax.EmptyState())
+        return adam.update(grads, state, params)
+
+    return optax.GradientTransformation(adam.init, update)
 
 
 def cooldown_factor(train: TrainConfig, step: int, minutes_left: float | None) -> float:

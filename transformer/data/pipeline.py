@@ -27,7 +27,7 @@ from absl import flags, logging
 from etils import epath
 
 from transformer.config import EOS_ID, DataConfig
-from transformer.data import batching, datasets, token_ids
+from transformer.data import DataError, batching, datasets, token_ids
 from transformer.data.datasets import TranslationSource
 from transformer.data.vocab import VOCAB_FILE, Vocabulary, load_or_train
 from transformer.progress import Meter, say
@@ -352,6 +352,11 @@ def train_data(
     if process_index == 0:
         datasets.prepare(data)
     vocab = vocabulary(data, workdir, vocab_size, is_chief=process_index == 0)
+    if data.subword_sampling and not vocab.can_sample():  # a BPE model from --init_from
+        raise DataError(
+            f"{workdir}/{VOCAB_FILE} is a BPE model, which has no n-best segmentations: "
+            "--subword_sampling needs a unigram one; train without it, or in a new --workdir"
+        )
     source = datasets.load_split(data, "train")
     ids = token_ids.load_or_write(data, source, vocab, "train", is_chief=process_index == 0)
     index = ExampleIndex.of(ids)

@@ -75,6 +75,14 @@ class Vocabulary:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 
+    def can_sample(self) -> bool:
+        """Whether it has n-best segmentations (a unigram model; BPE has none)."""
+        try:
+            self._sp.nbest_encode_as_ids("a", 2)
+        except RuntimeError:
+            return False
+        return True
+
     def nbest(self, text: str, n: int) -> list[list[int]]:
         """The n most probable segmentations of text, best first (unigram models)."""
         return self._sp.nbest_encode_as_ids(text, n)
