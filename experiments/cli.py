@@ -155,6 +155,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise
 
 
+# Flags that name a file or folder. The shell leaves `--workdir=~/w` as it is
+# (a ~ is expanded only at a word's start), and tfds would expand a data_dir's
+# ~ for its downloads but not for the dataset: expanded here, for all of them.
+PATH_FLAGS = (
+    "workdir", "init_from", "data_dir", "manual_dir", "input", "output", "hypotheses",
+    "source_file", "reference_file", "out_dir", "recipe",
+)  # fmt: skip
+
+
+def _expand_home() -> None:
+    for name in PATH_FLAGS:
+        if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
+            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """app.run with one-line errors for bad flags, configs and UserError."""
 
@@ -163,6 +178,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         # is given; progress and results are printed.
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        _expand_home()
         try:
             return main(argv)
         except (ConfigError, UserError, DataError, CheckpointError) as e:

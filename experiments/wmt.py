@@ -61,6 +61,7 @@ def build_configs() -> tuple[
 def initialize_distributed() -> None:
     """jax.distributed.initialize() where several processes take part: those the
     flags name, or the hosts of a Cloud TPU slice, which jax finds by itself."""
+    _check_process_flags()
     import jax
 
     explicit = bool(_NUM_PROCESSES.value and _NUM_PROCESSES.value > 1)
@@ -90,6 +91,25 @@ def initialize_distributed() -> None:
         return
     if jax.process_count() > 1 and jax.process_index() == 0:
         cli.leave_last()
+
+
+def _check_process_flags() -> None:
+    """--num_processes, --process_id and --coordinator_address, which go together."""
+    count, index, address = _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR.value
+    if count is None:
+        if index is not None or address:
+            raise cli.UserError("--process_id and --coordinator_address need --num_processes")
+        return
+    if count < 1:
+        raise cli.UserError(f"--num_processes must be a positive integer, got {count}")
+    if count == 1:
+        return
+    if not address:
+        raise cli.UserError(
+            f"--num_processes={count} needs --coordinator_address=HOST:PORT (process 0's)"
+        )
+    if index is None or not 0 <= index < count:
+        raise cli.UserError(f"--process_id must be from 0 to {count - 1}, got {index}")
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -597,6 +597,17 @@ def test_translate_bad_flags_exit_1_with_one_line(trained_workdir, args, message
     assert message in _one_line_error(result, "experiments.translate")
 
 
+def test_a_path_flag_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
+    # `--workdir=~/w` reaches the program as written: the shell expands only a word's ~.
+    result = run_module(
+        "experiments.translate", "--workdir=~/nothing", check=False, stdin=b"Hallo\n",
+        env={"HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert f"{tmp_path}/nothing is not a training workdir" in _one_line_error(
+        result, "experiments.translate"
+    )
+
+
 def _damaged_copy(trained_workdir, tmp_path, damage: str):
     copy = tmp_path / "copy"
     shutil.copytree(trained_workdir, copy)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transformer import config
-from transformer.data import datasets, pipeline, token_ids
+from transformer.data import DataError, datasets, pipeline, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,47 @@ def test_a_half_written_ids_folder_is_never_read(ding_sample, sample_vocab, tmp_
     source = datasets.load_split(ding_sample, "train")
     ids = token_ids.load_or_write(data, source, sample_vocab, "train")
     assert ids.num_examples == len(source) and len(ids.source) == len(source)
+
+
+@pytest.mark.parametrize("damage", ["header", "short", "offsets"])
+def test_a_damaged_ids_folder_is_named_with_what_to_delete(
+    ding_sample, sample_vocab, tmp_path, damage
+):
+    data = ding_sample.replace(data_dir=str(tmp_path / "tfds"))
+    source = datasets.load_split(ding_sample, "train")
+    folder = token_ids.load_or_write(data, source, sample_vocab, "train").folder
+    target = folder / ("de.offsets.npy" if damage == "offsets" else "de.ids.npy")
+    raw = target.read_bytes()
+    if damage == "header":  # once: "EOF: reading array header", a traceback
+        target.write_bytes(raw[:100])
+    elif damage == "short":  # once: "mmap length is greater than file size"
+        target.write_bytes(raw[: len(raw) // 2])
+    else:  # a whole file of another split's length
+        np.save(target, np.arange(10, dtype=np.int64))
+    with pytest.raises(DataError, match=r"is damaged \(.*\); delete that folder to tokenize"):
+        token_ids.load_or_write(data, source, sample_vocab, "train")
+
+
+def test_a_max_len_that_no_example_fits_is_a_data_error(ding_sample, sample_vocab, tmp_path):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    with pytest.raises(DataError, match="no training example fits max_len=1: raise --max_len"):
+        pipeline.train_data(ding_sample, str(tmp_path), 350, max_len=1, seed=0)
+
+
+def test_a_damaged_dataset_file_is_named_with_what_to_delete(ding_sample, tmp_path):
+    import shutil
+
+    built = datasets.load_split(ding_sample, "train").records.dataset_info.data_dir
+    copy = tmp_path / "tfds" / "ding_de_en" / os.path.basename(built)
+    shutil.copytree(built, copy)
+    train = next(copy.glob("*-train.array_record*"))
+    raw = bytearray(train.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    train.write_bytes(bytes(raw))
+    source = datasets.load_split(ding_sample.replace(data_dir=str(tmp_path / "tfds")), "train")
+    with pytest.raises(DataError, match=f"a file of {copy} is damaged .*delete that folder"):
+        source.texts(range(len(source)))  # once: array_record's RuntimeError
 
 
 def test_worker_processes_produce_the_batches_threads_do(train, ding_sample, tmp_path):

@@ -372,6 +372,14 @@ def test_every_shipped_flagfile_validates_and_reaches_the_configs(name):
         (["--check_only", "--mesh=garbage"], "mesh must look like"),
         (["--check_only", "--mesh=model:2"], "mesh axis 'model' unknown"),
         ([], "--workdir is required"),
+        # Once jax.distributed's ValueError, a traceback; -1 was taken for one process.
+        (["--num_processes=2", "--process_id=0"], "needs --coordinator_address=HOST:PORT"),
+        (
+            ["--num_processes=2", "--process_id=3", "--coordinator_address=localhost:1"],
+            "--process_id must be from 0 to 1, got 3",
+        ),
+        (["--num_processes=-1"], "--num_processes must be a positive integer, got -1"),
+        (["--process_id=1"], "--process_id and --coordinator_address need --num_processes"),
     ],
 )
 def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):

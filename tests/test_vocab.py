@@ -146,3 +146,15 @@ def test_a_bpe_vocabulary_has_the_special_ids_and_shows_its_merges(monkeypatch, 
     out, err = capfd.readouterr()
     assert "merging the vocabulary's pieces: 2,000/2,000 pieces" in out
     assert "Merged: freq" not in err and "trainer_spec" not in err
+
+
+def test_an_error_reading_the_texts_is_raised_as_it_was():
+    """Raised inside SentencePiece's trainer, it once came out as 'cannot train a
+    400-piece vocabulary: INTERNAL: DataError: ... At: <file>(<line>)'."""
+
+    def texts():
+        yield from (f"Satz {i} mit einigen Wörtern" for i in range(1000))
+        raise DataError("a file of /data/ding_de_en/1.0.0 is damaged")
+
+    with pytest.raises(DataError, match=r"^a file of /data/ding_de_en/1.0.0 is damaged$"):
+        vocab.train(texts(), 400)

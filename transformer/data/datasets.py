@@ -10,6 +10,7 @@ a scalar: TFDS's per-record decoding in Python costs 6x more than the read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
@@ -78,7 +79,8 @@ class TranslationSource:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[str, str]:
-        record = self.records[index]
+        with self._reading():
+            record = self.records[index]
         return as_text(record[self.source_lang]), as_text(record[self.target_lang])
 
     def chunks(self, indices) -> Iterator[list[dict]]:
@@ -87,10 +89,26 @@ class TranslationSource:
         parse = _scalar_parser(self.records)
         for start in range(0, len(indices), READ_CHUNK):
             chunk = indices[start : start + READ_CHUNK]
-            if parse is None:
-                yield self.records.__getitems__(chunk)
-            else:
-                yield [parse(raw) for raw in self.records.data_source.__getitems__(chunk)]
+            with self._reading():
+                if parse is None:
+                    records = self.records.__getitems__(chunk)
+                else:
+                    records = [parse(raw) for raw in self.records.data_source.__getitems__(chunk)]
+            yield records
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """array_record's RuntimeError for a damaged file -> a DataError naming the folder."""
+        try:
+            yield
+        except RuntimeError as e:
+            info = getattr(self.records, "dataset_info", None)
+            folder = info.data_dir if info is not None else "the dataset's folder"
+            reason = str(e).split(" (")[0].split(";")[0][:160]
+            raise DataError(
+                f"a file of {folder} is damaged ({reason}); delete that folder and rerun: "
+                "the dataset is built again"
+            ) from e
 
     def texts(self, indices) -> list[tuple[str, str]]:
         """(source, target) texts of the examples at `indices`."""

@@ -122,7 +122,10 @@ class TrainPlan:
         # Too long only: alternatives left out on purpose are not "dropped".
         self.dropped = int(np.sum(~index.fits(self.max_len)))
         if not self.repeats.any():
-            raise ValueError(f"no training example fits max_len={self.max_len}")
+            raise DataError(
+                f"no training example fits max_len={self.max_len}: raise --max_len "
+                "(and --row_length, which must hold it)"
+            )
         self._epochs: list[list] = []
         self._starts: list[int] = [0]
         self._lock = threading.Lock()

@@ -153,6 +153,16 @@ class TokenIds:
                 self._arrays[name] = np.load(io.BytesIO(path.read_bytes()))
         return self._arrays[name]
 
+    def check(self) -> None:
+        """Opens every array and checks that their lengths agree; ValueError if not."""
+        n = self.num_examples
+        for lang in (self.source_lang, self.target_lang):
+            side = self.side(lang)
+            if len(side.offsets) != n + 1 or side.offsets[-1] != len(side.tokens):
+                raise ValueError(f"{lang}'s ids and offsets do not hold {n:,} examples")
+        if self.has_flags() and any(len(self.flag(name)) != n for name in FLAGS):
+            raise ValueError(f"its example flags do not hold {n:,} examples")
+
     def has_flags(self) -> bool:
         return (self.folder / "sentence.npy").exists()
 
@@ -193,7 +203,13 @@ def load_or_write(
                 if time.monotonic() > deadline:
                     raise DataError(f"timed out waiting for process 0 to write {folder}")
                 time.sleep(1.0)
-    ids = TokenIds(folder, source.source_lang, source.target_lang)
+    try:
+        ids = TokenIds(folder, source.source_lang, source.target_lang)
+        ids.check()
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a truncated or altered file
+        raise DataError(
+            f"{folder} is damaged ({e}); delete that folder to tokenize the {split} split again"
+        ) from e
     if ids.num_examples != len(source):
         raise DataError(
             f"{folder} holds {ids.num_examples} examples but the {split} split has "

@@ -105,10 +105,20 @@ class Vocabulary:
 
 def train(texts: Iterable[str], vocab_size: int, model_type: str = "unigram") -> Vocabulary:
     """Trains a SentencePiece model (unigram or bpe) on `texts` with the project's special ids."""
-    model = io.BytesIO()
+    model, failed = io.BytesIO(), []
+
+    def read():  # an error reading the corpus reaches SentencePiece's caller as its own
+        try:
+            yield from texts
+        except Exception as e:
+            failed.append(e)
+            raise
+
     try:
-        _train(texts, vocab_size, model, model_type)
+        _train(read(), vocab_size, model, model_type)
     except RuntimeError as e:  # SentencePiece reports bad sizes as INTERNAL errors
+        if failed:
+            raise failed[0] from None
         message = str(e).split("] ")[-1]
         raise DataError(f"cannot train a {vocab_size}-piece vocabulary: {message}") from e
     return Vocabulary(model.getvalue())
