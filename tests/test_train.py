@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -772,6 +773,38 @@ def test_timing_the_step_on_this_host_compiles_it_for_the_run(
     compiled = [m.split()[4] for m in messages if m.startswith("Finished XLA compilation of")]
     assert compiled.count("jit(train_step)") == 1, compiled
     assert compiled.count("jit(initial)") == 1, compiled
+
+
+def test_saving_a_checkpoint_is_not_training_time(ding_sample, tmp_path, monkeypatch):
+    """Saves counted against the time budget once: a budget that ran out in the
+    save of step n ended the run at n, recorded short of the budget, and a rerun
+    trained a step more. Here each save takes ten minutes of the loop's clock."""
+    import types
+
+    from transformer import loop
+
+    offset, real_save = [0.0], checkpoint.save
+
+    def ten_minutes_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        offset[0] += 600.0
+
+    fake = types.SimpleNamespace(monotonic=lambda: time.monotonic() + offset[0])
+    monkeypatch.setattr(loop, "time", fake)
+    monkeypatch.setattr(checkpoint, "save", ten_minutes_save)
+    setup = loop.Setup(
+        model=config.preset("tiny").replace(vocab_size=350, max_len=32, dropout=0.0),
+        train=config.TrainConfig(
+            steps=3, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
+            final_eval_split="", checkpoint_every=1, checkpoint_minutes=0, train_minutes=5,
+        ),
+        data=ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1),
+        decode=config.DecodeConfig(),
+        workdir=str(tmp_path),
+    )  # fmt: skip
+    results = loop.train_and_evaluate(setup)
+    assert offset[0] == 1800.0  # three saves, at steps 1, 2 and 3
+    assert results["step"] == 3 and results["train_minutes"] < 5
 
 
 def test_gradient_clipping_scales_the_gradient_and_keeps_adams_state():

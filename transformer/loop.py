@@ -338,7 +338,11 @@ class Run:
                             step, self.evaluator.validate(state.params), prefix="eval/"
                         )
                 if saver.due(step):
-                    saver.save(step, state, clock.training_seconds())
+                    # Not training time: a budget that ran out during a save would end
+                    # the run at this step, recorded as short of it, and a rerun would
+                    # train one step more.
+                    with clock.paused():
+                        saver.save(step, state, clock.training_seconds())
             if progress.pending:  # the last steps' line; a NaN among them stops here too
                 progress.report(step, clock.minutes_left(step))
         except FloatingPointError as e:
@@ -404,7 +408,7 @@ def _cached_step_flops(model: ModelConfig):
 
 
 class Clock:
-    """Training time: this run's and the runs' before it, evaluations excluded.
+    """Training time: this run's and the runs' before it, evaluations and saves excluded.
 
     With several processes the time budget is process 0's clock, fetched every
     10 steps at the same steps everywhere, so that all stop and anneal alike.
