@@ -68,8 +68,12 @@ def parse(text: str) -> TpuType:
     return TpuType(generation, size)
 
 
+# v5e and v6e come in these chip counts only (a v5litepod-12 does not exist).
+_CHIP_SLICES = (1, 4, 8, 16, 32, 64, 128, 256)
+
+
 def _valid_size(generation: str, size: int) -> bool:
-    """Whole hosts: 8 cores per host, or 1/4/8 chips then multiples of 4 chips."""
+    """Whole hosts of 8 cores (v2-v5p), or one of the chip counts of v5e and v6e."""
     if generation in _COUNTS_CORES:
         return size >= 8 and size % 8 == 0
-    return size in (1, 4, 8) or (size > 8 and size % 4 == 0)
+    return size in _CHIP_SLICES

@@ -131,9 +131,9 @@ def training_argv(flags: argparse.Namespace) -> list[str]:
         raise UserError("--workdir is required to train: gs://BUCKET/PATH or a path on the VM")
     remote.check_local_path("workdir", flags.workdir)
     remote.check_local_path("data_dir", flags.data_dir)
-    remote.check_flagfile(flags.flagfile, flags.repo)
+    flagfile = remote.check_flagfile(flags.flagfile, flags.repo)
     extra = cli.extra_flags(flags.extra_flags)
-    return remote.training_argv(flags.flagfile, flags.workdir, flags.data_dir, extra)
+    return remote.training_argv(flagfile, flags.workdir, flags.data_dir, extra)
 
 
 def status(vm: GpuVm, runner: Runner) -> None:
@@ -162,7 +162,11 @@ def main(argv: list[str]) -> None:
     if command in ("train", "up"):
         remote.train(vm.remote(), runner, train_argv)
     if command == "logs":
-        remote.logs(vm.remote(), runner, flags.lines, flags.follow)
+        try:
+            remote.logs(vm.remote(), runner, flags.lines, flags.follow)
+        except KeyboardInterrupt:  # how one leaves --follow: not an error
+            if not flags.follow:
+                raise
     if command == "status":
         status(vm, runner)
     if command == "stop":

@@ -260,9 +260,18 @@ def check_local_path(flag: str, value: str | None) -> None:
         )
 
 
-def check_flagfile(flagfile: str, repo: str | None) -> None:
-    """A flagfile of the copied tree must exist here; a cloned repo is checked on the VM."""
-    if repo or os.path.isabs(flagfile):
-        return
-    if not (REPO_ROOT / flagfile).is_file():
+def check_flagfile(flagfile: str, repo: str | None) -> str:
+    """The flagfile as the VM's copy names it, relative to the repository root: a
+    path of this tree is made relative; a flagfile of a cloned repo is checked
+    on the VM. An absolute path elsewhere would not exist there."""
+    if os.path.isabs(flagfile):
+        inside = os.path.relpath(os.path.realpath(flagfile), REPO_ROOT.resolve())
+        if repo or inside.startswith(".."):
+            raise UserError(
+                f"--flagfile={flagfile}: give a path relative to the repository root "
+                "(the VM has its own copy of the tree, not this machine's files)"
+            )
+        flagfile = inside
+    if not repo and not (REPO_ROOT / flagfile).is_file():
         raise UserError(f"--flagfile={flagfile} not found under {REPO_ROOT}")
+    return flagfile

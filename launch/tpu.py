@@ -84,7 +84,11 @@ class Tpu:
         return self.gcloud("tpu-vm", "delete", self.name, "--quiet")
 
     def describe(self) -> list[str]:
-        return self.gcloud("tpu-vm", "describe", self.name, "--format=value(state)")
+        """Its state and accelerator type, tab-separated."""
+        return self.gcloud("tpu-vm", "describe", self.name, "--format=value(state,acceleratorType)")
+
+    def describe_type(self) -> list[str]:
+        return self.gcloud("tpu-vm", "describe", self.name, "--format=value(acceleratorType)")
 
     def describe_queued(self) -> list[str]:
         return self.gcloud("queued-resources", "describe", self.name, "--format=value(state.state)")
@@ -134,8 +138,17 @@ def training_argv(flags: argparse.Namespace, tpu: Tpu) -> list[str]:
             )
     remote.check_local_path("workdir", flags.workdir)
     remote.check_local_path("data_dir", flags.data_dir)
-    remote.check_flagfile(flags.flagfile, flags.repo)
-    return remote.training_argv(flags.flagfile, flags.workdir, flags.data_dir, extra)
+    flagfile = remote.check_flagfile(flags.flagfile, flags.repo)
+    return remote.training_argv(flagfile, flags.workdir, flags.data_dir, extra)
+
+
+def as_created(tpu: Tpu, runner: Runner) -> Tpu:
+    """The Tpu with the accelerator type the VM has (gcloud's answer), whatever
+    --accelerator_type says: `train` acts on a VM that exists."""
+    actual = runner.output(tpu.describe_type(), dry_run_answer=tpu.accelerator.name)
+    if not actual or actual == tpu.accelerator.name:
+        return tpu
+    return dataclasses.replace(tpu, accelerator=accelerators.parse(actual.rsplit("/", 1)[-1]))
 
 
 def wait_until_active(tpu: Tpu, runner: Runner, wait_minutes: float, poll_seconds: float) -> None:
@@ -164,8 +177,8 @@ def status(tpu: Tpu, runner: Runner) -> None:
         print(f"queued resource {tpu.name}: {state}", flush=True)
         if state != "ACTIVE":
             return
-    state = runner.output(tpu.describe(), dry_run_answer="READY")
-    print(f"TPU {tpu.name} ({tpu.accelerator.name}): {state}", flush=True)
+    state, *kind = runner.output(tpu.describe(), dry_run_answer="READY").split() or ["UNKNOWN"]
+    print(f"TPU {tpu.name} ({kind[0] if kind else tpu.accelerator.name}): {state}", flush=True)
     if state == "READY":
         remote.training_status(tpu.remote(), runner)
 
@@ -175,8 +188,13 @@ def main(argv: list[str]) -> None:
     tpu = make_tpu(flags)
     cli.check_source(flags.repo, flags.ref)
     command = flags.command
+    if flags.wait_minutes < 0 or flags.poll_seconds <= 0:
+        raise UserError("--wait_minutes must be >= 0 (0: never give up), --poll_seconds > 0")
     train_argv = training_argv(flags, tpu) if command in ("train", "up") else []
     runner = Runner(flags.dry_run)
+    if command == "train":  # checked again against the VM's own type
+        tpu = as_created(tpu, runner)
+        train_argv = training_argv(flags, tpu)
     if command in ("create", "up"):
         runner.run(tpu.create())
         if tpu.queued and command == "up":
@@ -186,7 +204,11 @@ def main(argv: list[str]) -> None:
     if command in ("train", "up"):
         remote.train(tpu.remote(), runner, train_argv)
     if command == "logs":
-        remote.logs(tpu.remote(), runner, flags.lines, flags.follow, flags.worker)
+        try:
+            remote.logs(tpu.remote(), runner, flags.lines, flags.follow, flags.worker)
+        except KeyboardInterrupt:  # how one leaves --follow: not an error
+            if not flags.follow:
+                raise
     if command == "status":
         status(tpu, runner)
     if command == "stop":

@@ -28,7 +28,7 @@ BIG = "experiments/configs/wmt14_ende_big.flags"
 
 FAKE_GCLOUD = """\
 #!{python}
-import json, os, sys, tarfile
+import json, os, sys, tarfile, time
 args = sys.argv[1:]
 record = {{"argv": args}}
 if "scp" in args:
@@ -46,7 +46,14 @@ if "describe" in args:
     default = "READY"  # a TPU VM's state; a queued resource's and an instance's differ
     default = "ACTIVE" if "queued-resources" in args else default
     default = "RUNNING" if "instances" in args else default
-    print(os.environ.get("FAKE_GCLOUD_STATE", default))
+    state = os.environ.get("FAKE_GCLOUD_STATE", default)
+    kind = os.environ.get("FAKE_GCLOUD_TYPE", "")  # a TPU VM's acceleratorType
+    asked = next((a for a in args if a.startswith("--format=")), "")
+    if "acceleratorType" in asked:
+        print(f"{{state}}\t{{kind}}" if "state" in asked else kind)
+    else:
+        print(state)
+time.sleep(float(os.environ.get("FAKE_GCLOUD_SLEEP", "0")))  # streaming, as logs --follow
 sys.exit(int(os.environ.get("FAKE_GCLOUD_EXIT", "0")))
 """
 
@@ -136,7 +143,9 @@ def test_v5e_is_spelled_v5litepod_for_gcloud():
     assert accelerators.parse("v5e-8").name == "v5litepod-8"
 
 
-@pytest.mark.parametrize("name", ["v4", "tpu-8", "v9-8", "v4-12", "v5litepod-6", "v4-8x"])
+@pytest.mark.parametrize(
+    "name", ["v4", "tpu-8", "v9-8", "v4-12", "v5litepod-6", "v4-8x", "v5litepod-12", "v6e-20"]
+)
 def test_malformed_accelerator_types_are_refused(name):
     with pytest.raises(UserError, match="accelerator_type"):
         accelerators.parse(name)
@@ -213,7 +222,8 @@ def test_train_multi_host_passes_flagfile_and_gcs_workdir_to_every_worker(gcloud
         "--data_dir=gs://bucket/tfds",
         "--extra_flags=--mesh=data:-1 --eval_every=2000",
     )
-    [argv] = gcloud.argvs()
+    describe, argv = gcloud.argvs()  # the VM's own type, then training
+    assert describe[2:5] == ["tpu-vm", "describe", "ende"]
     assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "ende"]
     assert option(argv, "worker") == "all"
     script = option(argv, "command")
@@ -265,11 +275,46 @@ def test_logs_follow_worker_0(gcloud):
 
 
 def test_status_describes_then_asks_worker_0(gcloud):
-    done = tpu(gcloud, "status")
+    done = tpu(gcloud, "status", FAKE_GCLOUD_TYPE="v5litepod-16")
     describe, ssh = gcloud.argvs()
     assert describe[2:5] == ["tpu-vm", "describe", "ende"]
     assert option(ssh, "worker") == "0"
-    assert "TPU ende (v4-8): READY" in done.stdout
+    # The VM's type, not --accelerator_type's default (once "v4-8" for every TPU).
+    assert "TPU ende (v5litepod-16): READY" in done.stdout
+
+
+def test_train_checks_the_workdir_against_the_vms_own_type(gcloud):
+    # --accelerator_type left at v4-8: the VM, a 4-host v4-32, needs a gs:// workdir.
+    done = gcloud.launch(
+        "tpu", "train", "--name=ende", "--zone=z", "--workdir=/home/me/run",
+        FAKE_GCLOUD_TYPE="v4-32",
+    )  # fmt: skip
+    assert done.returncode == 1 and "v4-32 has 4 hosts" in done.stderr, done.stderr
+    assert [argv[3] for argv in gcloud.argvs()] == ["describe"]  # no training started
+
+
+def test_an_absolute_flagfile_is_made_relative_or_refused(gcloud, tmp_path):
+    tpu(gcloud, "train", f"--flagfile={REPO / BIG}", "--workdir=gs://b/run")
+    assert f"--flagfile={BIG} " in option(gcloud.argvs()[-1], "command")
+    elsewhere = tmp_path / "my.flags"
+    elsewhere.write_text("--steps=5\n")
+    done = gcloud.launch("tpu", "train", "--name=ende", "--zone=z", f"--flagfile={elsewhere}",
+                         "--workdir=gs://b/run")  # fmt: skip
+    assert done.returncode == 1 and "give a path relative to the repository root" in done.stderr
+
+
+def test_leaving_logs_follow_with_ctrl_c_is_not_an_error(gcloud):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.tpu", "logs", "--follow", "--name=ende", "--zone=z"],
+        cwd=REPO, env={**gcloud.env, "FAKE_GCLOUD_SLEEP": "60"}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not gcloud.calls() and time.monotonic() < deadline:  # gcloud is streaming
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and "error" not in err, err  # once: "error: interrupted"
 
 
 def test_status_of_a_preempted_tpu_does_not_ssh(gcloud):
@@ -350,6 +395,8 @@ def test_a_failing_gcloud_stops_the_launch_with_one_line(gcloud):
         (["train", "--name=ende", "--zone=z", "--workdir=gs://b/r", "--extra_flags=steps=5"],
          "not a flag"),
         (["setup", "--name=ende", "--zone=z", "--ref=main"], "--ref needs --repo"),
+        (["up", "--name=ende", "--zone=z", "--queued", "--wait_minutes=-1"],
+         "--wait_minutes must be >= 0"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_1_with_one_line_and_runs_nothing(gcloud, args, message):
@@ -370,7 +417,7 @@ def test_a_spot_tpu_without_a_gcs_data_dir_is_warned_about(gcloud):
 
 def test_single_host_on_demand_may_use_a_local_workdir(gcloud):
     tpu(gcloud, "train", "--accelerator_type=v5litepod-8", "--workdir=/home/me/runs/base")
-    assert "--workdir=/home/me/runs/base" in option(gcloud.argvs()[0], "command")
+    assert "--workdir=/home/me/runs/base" in option(gcloud.argvs()[-1], "command")
 
 
 # ----------------------------------------------------------------------------
