@@ -20,7 +20,7 @@ from etils import epath
 from sacremoses import MosesTokenizer
 
 # tensor2tensor's get_ende_bleu.sh: perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g'.
-_COMPOUND = re.compile(r"(\S)-(\S)")
+_COMPOUND = re.compile(rb"(\S)-(\S)")  # on UTF-8 bytes, as perl without -C reads
 
 
 def sacre_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
@@ -42,9 +42,13 @@ def split_compounds(tokenized: str) -> str:
     Its one left-to-right pass takes the characters either side of a hyphen
     into the match, so a character is never the end of two matches: in
     'x-y-z' only the first hyphen is split ('x ##AT##-##AT## y-z'), and 'a--b'
-    becomes 'a ##AT##-##AT## -b'. Python's re.sub scans the same way.
+    becomes 'a ##AT##-##AT## -b'. Python's re.sub scans the same way. The
+    script's perl reads bytes, so a letter of two bytes between hyphens ends
+    one match and starts the next: 'a-ü-b' has both hyphens split. The bytes
+    inserted sit beside a hyphen, never inside a character.
     """
-    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", tokenized)
+    split = _COMPOUND.sub(rb"\1 ##AT##-##AT## \2", tokenized.encode("utf-8"))
+    return split.decode("utf-8")
 
 
 def paper_bleu(hypotheses: list[str], references: list[str], lang: str) -> float:

@@ -123,6 +123,18 @@ def mean_params(workdir: str, abstract: Any, steps: list[int]) -> Any:
     return jax.tree.map(lambda x: x / len(steps), total)
 
 
+def _one_checkpoint(workdir: str, model: ModelConfig, step: int) -> tuple[Any, list[int]]:
+    """Its parameters (not committed to a device) and the steps they come from: the
+    steps averaged into it by `write_average`, else its own."""
+    mngr = checkpoint.manager(workdir, read_only=True)
+    try:
+        restored = checkpoint.restore(mngr, step, abstract_params(model))
+    finally:
+        mngr.close()
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored.params)
+    return params, [int(s) for s in restored.meta.get("averaged_steps", [step])]
+
+
 def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Trained:
     """The workdir's model: its latest checkpoint, a given step, or the mean of the last K."""
     configs = record.read_configs(workdir)
@@ -130,7 +142,10 @@ def load(workdir: str, *, step: int | None = None, average_last: int = 0) -> Tra
     vocab = load_vocab(workdir, model_cfg)
     steps = choose_steps(workdir, step, average_last)
     try:
-        params = average_params(workdir, model_cfg, steps)
+        if len(steps) == 1:  # its meta says whether experiments.average wrote it
+            params, steps = _one_checkpoint(workdir, model_cfg, steps[0])
+        else:
+            params = average_params(workdir, model_cfg, steps)
     except CheckpointError as e:
         others = [s for s in record.checkpoint_steps(workdir) if s not in steps]
         hint = f" (the workdir's other checkpoints: {_listed(others)})" if others else ""
