@@ -11,14 +11,13 @@ line, in order: an empty line gives an empty line; a line longer than the
 model's max length is translated in pieces (warned about on stderr); invalid
 UTF-8 is replaced by U+FFFD (warned about); a UTF-8 byte-order mark opening
 the input is dropped, a UTF-16 one refused; an empty input gives no output and
-a warning. --input may be
-a pipe (/dev/stdin, <(...)), read once. A bad --output (a folder, the input
-itself, a training workdir's own files) is refused before the model loads,
-and a failed or interrupted run (Ctrl-C, SIGTERM) leaves no partial file
-behind; an --output that is a link is written through; one that names
-stdout (-, /dev/stdout, the file `>>` appends to) writes to it. Input is read and
-translated in chunks, so a file of any size runs in bounded memory;
-sentences within a chunk are batched by length.
+a warning. --input may be a pipe (/dev/stdin, <(...)), read once. A bad
+--output (a folder, the input itself, a training workdir's own files) is
+refused before the model loads, and a failed or interrupted run (Ctrl-C,
+SIGTERM) leaves no partial file behind; an --output that is a link is written
+through; one that names stdout (-, /dev/stdout, the file `>>` appends to)
+writes to it. Input is read and translated in chunks, so a file of any size
+runs in bounded memory; sentences within a chunk are batched by length.
 """
 
 from __future__ import annotations
