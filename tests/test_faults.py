@@ -262,6 +262,8 @@ def test_a_corrupt_latest_checkpoint_is_named_and_fallback_is_explicit(
         assert "is incomplete: it has no " in line
         assert "_CHECKPOINT_METADATA" not in result.stderr.decode()  # orbax's warnings
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
+    if damage in ("truncate", "no_manifest"):  # the fallback itself: as for "alter"
+        return
     result = run_module("experiments.wmt", *args, "--fallback_checkpoint")
     assert "resumed from step 20" in result.stdout.decode()
     # The damaged folder is kept aside, as it was; the run saved a new step 24, then 28.
@@ -300,16 +302,6 @@ def test_checkpoints_of_other_flags_are_refused_not_moved_aside(
         assert "written with other model or optimizer flags; rerun with those" in line
         assert "--fallback_checkpoint" not in line
     assert _contents(workdir / "checkpoints") == before
-
-
-def test_a_run_resumes_with_gradient_clipping_turned_on(ding_sample, uninterrupted, tmp_path):
-    """As the non-finite loss error advises; the optimizer's state is Adam's either way
-    (once optax.chain's, which the checkpoint did not hold: an unreadable checkpoint)."""
-    workdir = tmp_path / "clipped"
-    shutil.copytree(uninterrupted, workdir)
-    args = [*tiny_training_args(ding_sample, workdir, 26), "--grad_clip_norm=1.0"]
-    assert "resumed from step 24" in run_module("experiments.wmt", *args).stdout.decode()
-    assert _steps(workdir)[-1] == 26
 
 
 # ----------------------------------------------------------------------------

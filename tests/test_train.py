@@ -379,8 +379,6 @@ def test_every_shipped_flagfile_validates_and_reaches_the_configs(name):
             ["--num_processes=2", "--process_id=3", "--coordinator_address=localhost:1"],
             "--process_id must be from 0 to 1, got 3",
         ),
-        (["--num_processes=-1"], "--num_processes must be a positive integer, got -1"),
-        (["--process_id=1"], "--process_id and --coordinator_address need --num_processes"),
     ],
 )
 def test_a_wrong_flag_exits_1_with_one_line(args, message, tmp_path):
@@ -795,7 +793,7 @@ def test_saving_a_checkpoint_is_not_training_time(ding_sample, tmp_path, monkeyp
     setup = loop.Setup(
         model=config.preset("tiny").replace(vocab_size=350, max_len=32, dropout=0.0),
         train=config.TrainConfig(
-            steps=3, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
+            steps=2, warmup_steps=10, log_every=50, eval_every=0, eval_bleu_sentences=0,
             final_eval_split="", checkpoint_every=1, checkpoint_minutes=0, train_minutes=5,
         ),
         data=ding_sample.replace(batch_rows=8, row_length=32, max_len=32, num_threads=1),
@@ -803,8 +801,8 @@ def test_saving_a_checkpoint_is_not_training_time(ding_sample, tmp_path, monkeyp
         workdir=str(tmp_path),
     )  # fmt: skip
     results = loop.train_and_evaluate(setup)
-    assert offset[0] == 1800.0  # three saves, at steps 1, 2 and 3
-    assert results["step"] == 3 and results["train_minutes"] < 5
+    assert offset[0] == 1200.0  # two saves, at steps 1 and 2
+    assert results["step"] == 2 and results["train_minutes"] < 5
 
 
 def test_gradient_clipping_scales_the_gradient_and_keeps_adams_state():
