@@ -382,14 +382,19 @@ def sources(make_tokens):
 
 
 def greedy_without_cache(model, params, inputs, length):
-    """Greedy decoding by running the full decoder on every prefix (no cache)."""
+    """Greedy decoding by running the full decoder on every prefix (no cache).
+
+    Each prefix is padded to `length`: the decoder is causal, so what follows
+    position `step` does not change its logits, and one compiled forward pass
+    serves every step."""
     out = np.zeros((inputs.shape[0], 0), np.int32)
     max_lengths = np.minimum(np.sum(np.asarray(inputs) != PAD_ID, axis=1) + 3, length)
     done = np.zeros(inputs.shape[0], bool)
+    forward = jax.jit(lambda targets: model.apply({"params": params}, inputs, targets))
     for step in range(length):
-        targets = np.concatenate([out, np.full((out.shape[0], 1), A)], axis=1)
-        logits = np.asarray(model.apply({"params": params}, inputs, jnp.asarray(targets)))
-        logits = logits[:, step].copy()
+        targets = np.full((out.shape[0], length), PAD_ID, np.int32)
+        targets[:, :step], targets[:, step] = out, A
+        logits = np.asarray(forward(jnp.asarray(targets)))[:, step].copy()
         logits[step + 1 >= max_lengths, :] = -np.inf
         logits[step + 1 >= max_lengths, EOS_ID] = 0
         token = np.where(done, PAD_ID, logits.argmax(-1))
