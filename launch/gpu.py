@@ -162,11 +162,7 @@ def main(argv: list[str]) -> None:
     if command in ("train", "up"):
         remote.train(vm.remote(), runner, train_argv)
     if command == "logs":
-        try:
-            remote.logs(vm.remote(), runner, flags.lines, flags.follow)
-        except KeyboardInterrupt:  # how one leaves --follow: not an error
-            if not flags.follow:
-                raise
+        remote.logs(vm.remote(), runner, flags.lines, flags.follow)
     if command == "status":
         status(vm, runner)
     if command == "stop":

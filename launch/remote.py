@@ -237,7 +237,11 @@ def stop(remote: Remote, runner: Runner) -> None:
 
 def logs(remote: Remote, runner: Runner, lines: int, follow: bool, worker: str = "0") -> None:
     """Prints (or streams) one worker's log; worker 0 is the one that logs progress."""
-    runner.run(remote.ssh(logs_script(lines, follow), worker))
+    try:
+        runner.run(remote.ssh(logs_script(lines, follow), worker))
+    except KeyboardInterrupt:  # how one leaves --follow: not an error
+        if not follow:
+            raise
 
 
 def training_status(remote: Remote, runner: Runner) -> None:

@@ -113,7 +113,7 @@ def make_tpu(flags: argparse.Namespace) -> Tpu:
     )
 
 
-def training_argv(flags: argparse.Namespace, tpu: Tpu) -> list[str]:
+def training_argv(flags: argparse.Namespace, tpu: Tpu, warn: bool = True) -> list[str]:
     """The validated training command; every host must reach the workdir and the data."""
     if not flags.workdir:
         raise UserError("--workdir is required to train: gs://BUCKET/PATH")
@@ -128,7 +128,7 @@ def training_argv(flags: argparse.Namespace, tpu: Tpu) -> list[str]:
         why = "a spot TPU loses its disk when preempted; to resume,"
         cli.check_gcs("workdir", flags.workdir, why)
         data_dir = flags.data_dir or remote.flag_value(extra, "data_dir")
-        if not (data_dir or "").startswith("gs://"):
+        if warn and not (data_dir or "").startswith("gs://"):
             print(
                 f"{PROGRAM}: warning: the data directory is on the TPU's disk, which a "
                 "preemption deletes: each restart builds the dataset again (WMT: hours); "
@@ -190,9 +190,12 @@ def main(argv: list[str]) -> None:
     command = flags.command
     if flags.wait_minutes < 0 or flags.poll_seconds <= 0:
         raise UserError("--wait_minutes must be >= 0 (0: never give up), --poll_seconds > 0")
-    train_argv = training_argv(flags, tpu) if command in ("train", "up") else []
+    # Checked before any gcloud command; `train` again against the VM's own type.
+    train_argv = (
+        training_argv(flags, tpu, warn=command == "up") if command in ("train", "up") else []
+    )
     runner = Runner(flags.dry_run)
-    if command == "train":  # checked again against the VM's own type
+    if command == "train":
         tpu = as_created(tpu, runner)
         train_argv = training_argv(flags, tpu)
     if command in ("create", "up"):
@@ -204,11 +207,7 @@ def main(argv: list[str]) -> None:
     if command in ("train", "up"):
         remote.train(tpu.remote(), runner, train_argv)
     if command == "logs":
-        try:
-            remote.logs(tpu.remote(), runner, flags.lines, flags.follow, flags.worker)
-        except KeyboardInterrupt:  # how one leaves --follow: not an error
-            if not flags.follow:
-                raise
+        remote.logs(tpu.remote(), runner, flags.lines, flags.follow, flags.worker)
     if command == "status":
         status(tpu, runner)
     if command == "stop":

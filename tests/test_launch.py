@@ -410,7 +410,7 @@ def test_bad_input_exits_1_with_one_line_and_runs_nothing(gcloud, args, message)
 
 def test_a_spot_tpu_without_a_gcs_data_dir_is_warned_about(gcloud):
     done = tpu(gcloud, "train", "--accelerator_type=v4-8", "--spot", "--workdir=gs://b/run")
-    assert "warning: the data directory is on the TPU's disk" in done.stderr
+    assert done.stderr.count("warning: the data directory is on the TPU's disk") == 1
     done = tpu(gcloud, "train", "--spot", "--workdir=gs://b/run", "--data_dir=gs://b/tfds")
     assert "warning" not in done.stderr
 
