@@ -127,17 +127,15 @@ def test_two_processes_equal_one_process_and_resume(ding_sample, tmp_path):
     # One process sums the gradients of its 8 devices in another order than two
     # processes sum theirs across gloo: float32 losses part by an ulp or so, which
     # bfloat16 compute (--dtype=auto on a host with bf16 units) grows to ~4e-5.
+    # Steps 5-8 come after the resume: a process that took up another data
+    # position, lost Adam's moments or drew other dropout masks would part from
+    # the unbroken single-process run by far more than that (test_faults.py checks
+    # a one-process resume bit for bit).
     np.testing.assert_allclose(
         [got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=2e-4
     )
     steps = sorted(int(p) for p in os.listdir(multi / "checkpoints") if p.isdigit())
     assert steps == [4, 8]
-
-    # The resume itself is exact: two processes that train the 8 steps without a
-    # break log the same losses, bit for bit.
-    unbroken = tmp_path / "unbroken"
-    _train_two_processes([*tiny_training_args(ding_sample, unbroken, 8), *shared])
-    assert _losses(unbroken) == got
 
 
 def test_a_signal_to_one_process_and_time_based_saves_stop_both_at_one_step(ding_sample, tmp_path):
