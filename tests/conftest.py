@@ -197,6 +197,9 @@ def tiny_training_args(ding_sample, workdir, steps: int, checkpoint_every: int =
         "--final_eval_split=",
         f"--checkpoint_every={checkpoint_every}",
         "--checkpoint_minutes=0",
+        # MFU against a given peak: timing the host's matmuls would cost each run 1-2 s
+        # (test_every_long_phase_of_a_run_shows_progress times them).
+        "--peak_tflops=0.1",
         f"--workdir={workdir}",
     ]
 

@@ -59,6 +59,16 @@ def test_a_cpu_peak_counts_one_measurement_per_process(monkeypatch):
     assert flops.device_peak("float32")[0] == 2e11  # two hosts have twice the cores
 
 
+def test_a_given_peak_is_not_measured_and_counts_once_per_process(monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured a peak that was given")
+
+    monkeypatch.setattr(flops, "measured_matmul_peak", measured)
+    assert flops.device_peak("bfloat16", given=3e11) == (3e11, "given")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert flops.device_peak("bfloat16", given=3e11)[0] == 6e11
+
+
 def test_the_measured_peak_is_the_fastest_repeat_not_a_slowed_one(monkeypatch):
     # Repeats of 1 s, 4 s (another process took the cores) and 2 s: the peak is
     # what the machine can do, 2 * 16^3 FLOPs in 1 s. The clock is flops' own:

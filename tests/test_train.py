@@ -284,7 +284,7 @@ def _losses(workdir):
 
 def test_a_stopped_run_resumes_where_it_stopped(ding_sample, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _wmt(*_tiny_args(ding_sample, straight, 12))
+    assert "MFU against 0.10 TFLOP/s (given)" in _wmt(*_tiny_args(ding_sample, straight, 12)).stdout
     _wmt(*_tiny_args(ding_sample, resumed, 6))
     second = _wmt(*_tiny_args(ding_sample, resumed, 12))
     assert "resumed from step 6" in second.stdout
@@ -533,7 +533,8 @@ def test_init_from_is_checked_before_any_work_and_brings_its_vocabulary(ding_sam
 def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):
     # A vocabulary size of its own: this run trains a vocabulary and tokenizes the split.
     args = [*_tiny_args(ding_sample, tmp_path, 2), "--vocab_size=340", "--final_eval_split=test"]
-    out = _wmt(*args).stdout
+    out = _wmt(*args, "--peak_tflops=0").stdout
+    assert "MFU against " in out and " TFLOP/s (measured float32 matmul on cpu)" in out, out
     tests = len(datasets.load_split(ding_sample, "test"))
     for line in (
         "training a 340-piece SentencePiece unigram vocabulary on",

@@ -401,6 +401,14 @@ class TrainConfig(_Config):
     nan_policy: Literal["stop", "skip"] = setting(
         "stop", "On a non-finite loss: stop, or skip the step.", choices=NAN_POLICIES
     )
+    # Known TPUs and GPUs have their datasheet's peak (flops.DATASHEET_PEAK); others,
+    # and a CPU's cores, are timed on a matmul when the run starts (1-2 s on a CPU).
+    peak_tflops: float = setting(
+        0.0,
+        "The peak that MFU is against, in TFLOP/s: of one chip, or on CPU of one process's "
+        "cores (0: the datasheet's for a known TPU or GPU, else measured).",
+        check=at_least_zero,
+    )
 
     def _check_together(self) -> None:
         if self.final_eval_average_last > self.keep_checkpoints:

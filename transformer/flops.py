@@ -144,18 +144,22 @@ def fastest_dtype() -> str:
     return "bfloat16" if int(choice) else "float32"
 
 
-def device_peak(dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of all devices, where the figure comes from)."""
+def device_peak(dtype: str = "bfloat16", given: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of all devices, where the figure comes from). `given`: the peak
+    of one chip, or on CPU of one process's cores, in FLOP/s (0: look it up or measure)."""
     device = jax.devices()[0]
+    # All "devices" of a CPU process share its cores; each process of a multi-host
+    # run has its own.
+    count = jax.process_count() if device.platform == "cpu" else jax.device_count()
+    if given:
+        return given * count, "given"
     if device.platform != "cpu":
         for prefix, peak in DATASHEET_PEAK.items():
             if device.device_kind.startswith(prefix):
                 return peak * jax.device_count(), f"datasheet {device.device_kind}"
-    # CPU (or an unknown accelerator): measure. All "devices" of a CPU process share
-    # its cores; each process of a multi-host run has its own. The faster of float32
-    # and bfloat16-input matmuls is the peak: which one wins depends on the CPU
-    # (AVX-512 BF16 or not), and MFU should not flatter a slow path.
-    count = jax.process_count() if device.platform == "cpu" else jax.device_count()
+    # CPU (or an unknown accelerator): measure. The faster of float32 and
+    # bfloat16-input matmuls is the peak: which one wins depends on the CPU (AVX-512
+    # BF16 or not), and MFU should not flatter a slow path.
     measured = {name: measured_matmul_peak(name) for name in sorted({"float32", dtype})}
     best = max(measured, key=measured.get)
     return measured[best] * count, f"measured {best} matmul on {device.device_kind}"

@@ -111,7 +111,9 @@ def train_and_evaluate(setup: Setup) -> dict:
     )
     program = training_program(setup.model, setup.train, mesh)
     model = program.model
-    peak, peak_source = flops.device_peak(setup.model.dtype)  # outside the mesh: one device
+    peak, peak_source = flops.device_peak(  # outside the mesh: one device
+        setup.model.dtype, setup.train.peak_tflops * 1e12
+    )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, start = _resume(setup, program, mesh)
         if jax.process_index() == 0:  # rewritten only once the run is known to start
