@@ -105,6 +105,7 @@ def test_table3_trains_each_row_once_and_writes_its_table(ding_sample, tmp_path)
             f"--manual_dir={ding_sample.manual_dir}", f"--data_dir={ding_sample.data_dir}",
             "--vocab_size=350", "--max_len=32", "--row_length=32", "--batch_rows=8",
             "--steps=3", "--warmup_steps=2", "--log_every=1", "--checkpoint_minutes=0",
+            "--peak_tflops=0.1",
         ]),
     ]  # fmt: skip
     first = run_module("experiments.table3", *args).stdout.decode()

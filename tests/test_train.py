@@ -531,15 +531,22 @@ def test_init_from_is_checked_before_any_work_and_brings_its_vocabulary(ding_sam
 
 
 def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):
-    # A vocabulary size of its own: this run trains a vocabulary and tokenizes the split.
-    args = [*_tiny_args(ding_sample, tmp_path, 2), "--vocab_size=340", "--final_eval_split=test"]
+    # A new workdir trains a vocabulary; a copy of the corpus without the token ids
+    # that other runs wrote tokenizes the split again.
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(ding_sample.data_dir, data_dir, ignore=shutil.ignore_patterns("token_ids"))
+    args = [
+        *_tiny_args(ding_sample, tmp_path / "run", 2),
+        f"--data_dir={data_dir}",
+        "--final_eval_split=test",
+    ]
     out = _wmt(*args, "--peak_tflops=0").stdout
     assert "MFU against " in out and " TFLOP/s (measured float32 matmul on cpu)" in out, out
     tests = len(datasets.load_split(ding_sample, "test"))
     for line in (
-        "training a 340-piece SentencePiece unigram vocabulary on",
+        "training a 350-piece SentencePiece unigram vocabulary on",
         "reading the vocabulary's sample: ",
-        "vocabulary of 340 pieces written to",
+        "vocabulary of 350 pieces written to",
         "tokenizing the train split: ",
         f"translating the test split: {tests}/{tests} sentences",
     ):
