@@ -405,8 +405,8 @@ class TrainConfig(_Config):
     # and a CPU's cores, are timed on a matmul when the run starts (1-2 s on a CPU).
     peak_tflops: float = setting(
         0.0,
-        "The peak that MFU is against, in TFLOP/s: of one chip, or on CPU of one process's "
-        "cores (0: the datasheet's for a known TPU or GPU, else measured).",
+        "The peak that MFU is against, in TFLOP/s: of one accelerator device, or on CPU of "
+        "one process's cores (0: the datasheet's for a known TPU or GPU, else measured).",
         check=at_least_zero,
     )
 

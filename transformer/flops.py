@@ -145,8 +145,9 @@ def fastest_dtype() -> str:
 
 
 def device_peak(dtype: str = "bfloat16", given: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of all devices, where the figure comes from). `given`: the peak
-    of one chip, or on CPU of one process's cores, in FLOP/s (0: look it up or measure)."""
+    """(peak FLOP/s of all devices, where the figure comes from). `given`: the peak of
+    one accelerator device, or on CPU of one process's cores, in FLOP/s (0: look it up
+    or measure)."""
     device = jax.devices()[0]
     # All "devices" of a CPU process share its cores; each process of a multi-host
     # run has its own.
