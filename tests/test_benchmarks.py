@@ -22,6 +22,8 @@ import pytest
         ("loop", ["--steps=5"], "--steps=5"),
         ("flax_example", ["--example=/nonexistent"], "give the Flax WMT example's folder"),
         ("flax_example", [], "--example is required: give the Flax WMT example's folder"),
+        ("avx2_only", [], "no command: python -m benchmarks.avx2_only -- COMMAND"),
+        ("avx2_only", ["--check", "--", "true"], "--check runs its own probe"),
     ],
 )
 def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):
