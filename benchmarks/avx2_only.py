@@ -106,6 +106,16 @@ def check_host() -> str:
     for tool in ("unshare", "mount"):
         if shutil.which(tool) is None:
             raise UserError(f"needs {tool} (util-linux): apt-get install util-linux")
+    # Root in a container may still be refused a mount namespace (no CAP_SYS_ADMIN).
+    probe = ["unshare", "--mount", "--propagation", "private"]
+    probe += ["mount", "--bind", "/proc/cpuinfo", "/proc/cpuinfo"]
+    refused = subprocess.run(probe, capture_output=True, text=True)
+    if refused.returncode != 0:
+        why = " ".join(refused.stderr.split()) or f"exit status {refused.returncode}"
+        raise UserError(
+            f"cannot give the command its own /proc/cpuinfo here ({why}): run it as root "
+            "on the host, or in a container with CAP_SYS_ADMIN"
+        )
     return compiler
 
 

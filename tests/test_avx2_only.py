@@ -1,6 +1,7 @@
 """benchmarks.avx2_only: a command under it sees a CPU without AVX-512, and only that changes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -52,6 +53,26 @@ def test_a_real_segfault_still_ends_the_process_and_faulthandler_reports_it():
         return
     assert result.returncode == -11  # the command replaced the tool: its own death
     assert "Fatal Python error: Segmentation fault" in result.stderr
+
+
+def test_root_without_cap_sys_admin_is_refused_in_one_line_before_anything_runs(tmp_path):
+    """As in a container that drops CAP_SYS_ADMIN: no mount namespace, so one line, exit 1,
+    and the command never starts."""
+    if os.geteuid() != 0:  # refused earlier: needs root
+        assert _under_it("--check").returncode == 1
+        return
+    marker = tmp_path / "ran"
+    result = subprocess.run(
+        ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+         sys.executable, "-m", "benchmarks.avx2_only", "--", "touch", str(marker)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmarks.avx2_only: error:"), result.stderr
+    if _refusal() is None:
+        assert "CAP_SYS_ADMIN" in lines[0]
+    assert not marker.exists()
 
 
 def test_the_cpuinfo_it_mounts_lists_every_flag_but_avx512_amx_and_avx_vnni():
