@@ -150,8 +150,9 @@ def exec_under_emulation(command: list[str]) -> None:
     libraries = [preload]
     if os.environ.get(tcmalloc.OPT_OUT) != "system" and tcmalloc.tcmalloc_library():
         libraries.append(tcmalloc.tcmalloc_library())
+    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), GLIBC_TUNABLES]))
     env = dict(
-        os.environ, LD_PRELOAD=" ".join(libraries), GLIBC_TUNABLES=GLIBC_TUNABLES,
+        os.environ, LD_PRELOAD=" ".join(libraries), GLIBC_TUNABLES=tunables,
         TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40),
     )  # fmt: skip
     # The mounted copy needs no name once mounted: the shell removes it, then becomes the command.
