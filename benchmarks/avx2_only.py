@@ -156,8 +156,9 @@ def exec_under_emulation(command: list[str]) -> None:
         TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40),
     )  # fmt: skip
     # The mounted copy needs no name once mounted: the shell removes it, then becomes the command.
-    script = 'mount --bind "$0" /proc/cpuinfo && rm -f "$0" && exec "$@"'
-    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(cpuinfo)]
+    script = 'mount --bind "$1" /proc/cpuinfo && rm -f "$1" && shift && exec "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "avx2_only"]
+    argv.append(str(cpuinfo))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe("unshare", [*argv, *command], env)
@@ -171,6 +172,8 @@ def main(argv: list[str]) -> None:
         command = [sys.executable, "-c", _PROBE]
     elif not command:
         raise UserError("no command: python -m benchmarks.avx2_only -- COMMAND [ARGS...]")
+    elif shutil.which(command[0]) is None:
+        raise UserError(f"{command[0]}: no such program on PATH, or not executable")
     exec_under_emulation(command)
 
 

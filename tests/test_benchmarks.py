@@ -24,6 +24,7 @@ import pytest
         ("flax_example", [], "--example is required: give the Flax WMT example's folder"),
         ("avx2_only", [], "no command: python -m benchmarks.avx2_only -- COMMAND"),
         ("avx2_only", ["--check", "--", "true"], "--check runs its own probe"),
+        ("avx2_only", ["--", "/nonexistent/tool"], "/nonexistent/tool: no such program on PATH"),
     ],
 )
 def test_a_bad_flag_exits_1_with_one_line_and_measures_nothing(script, args, message):
