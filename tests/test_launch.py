@@ -303,11 +303,19 @@ def test_an_absolute_flagfile_is_made_relative_or_refused(gcloud, tmp_path):
     assert done.returncode == 1 and "give a path relative to the repository root" in done.stderr
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's signal as a shell leaves it to what it starts: not ignored, not blocked
+    (whatever the test process's own state after the tests before it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_leaving_logs_follow_with_ctrl_c_is_not_an_error(gcloud):
     process = subprocess.Popen(
         [sys.executable, "-m", "launch.tpu", "logs", "--follow", "--name=ende", "--zone=z"],
         cwd=REPO, env={**gcloud.env, "FAKE_GCLOUD_SLEEP": "60"}, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not gcloud.calls() and time.monotonic() < deadline:  # gcloud is streaming
