@@ -303,19 +303,24 @@ def test_an_absolute_flagfile_is_made_relative_or_refused(gcloud, tmp_path):
     assert done.returncode == 1 and "give a path relative to the repository root" in done.stderr
 
 
-def _as_from_a_terminal() -> None:
-    """Ctrl-C's signal as a shell leaves it to what it starts: not ignored, not blocked
-    (whatever the test process's own state after the tests before it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+# SIGINT as an interactive shell leaves it to what it starts: not ignored, not blocked.
+# The suite may run with it ignored (a script's background jobs start so), and the
+# launcher would inherit that and never see the Ctrl-C. This resets it, then execs
+# the command given after it (no preexec_fn: that forks the multithreaded test process).
+AS_FROM_A_TERMINAL = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 
 
 def test_leaving_logs_follow_with_ctrl_c_is_not_an_error(gcloud):
     process = subprocess.Popen(
-        [sys.executable, "-m", "launch.tpu", "logs", "--follow", "--name=ende", "--zone=z"],
+        [sys.executable, "-c", AS_FROM_A_TERMINAL,
+         "-m", "launch.tpu", "logs", "--follow", "--name=ende", "--zone=z"],
         cwd=REPO, env={**gcloud.env, "FAKE_GCLOUD_SLEEP": "60"}, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not gcloud.calls() and time.monotonic() < deadline:  # gcloud is streaming
