@@ -41,6 +41,7 @@ from absl import flags
 import benchmarks
 from experiments import tcmalloc
 from experiments.cli import UserError
+from transformer import flops
 
 SOURCE = Path(__file__).with_name("avx2_only.c")
 HIDDEN_FLAGS = re.compile(r"\s(?:avx512\w*|amx\w*|avx_vnni\w*)(?=\s|$)")
@@ -76,24 +77,11 @@ def masked_cpuinfo(cpuinfo: str) -> str:
     return "".join(lines)
 
 
-def _host_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
 def check_host() -> str:
     """The C compiler to build the preload with; UserError where this host cannot emulate."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise UserError(f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}")
-    if "cpuid_fault" not in _host_flags():
+    if "cpuid_fault" not in (flops.cpu_flags() or set()):
         raise UserError(
             "this CPU or kernel offers no CPUID faulting: run it on a host whose "
             "/proc/cpuinfo lists cpuid_fault"

@@ -107,12 +107,9 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / min(times)
 
 
-def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU has bfloat16 dot-product instructions, from /proc/cpuinfo.
-
-    x86: avx512_bf16 or amx_bf16; Arm: bf16. None where it cannot tell (no
-    /proc/cpuinfo, e.g. macOS, or no flags line in it).
-    """
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The first CPU's feature flags in /proc/cpuinfo (x86 "flags", Arm "Features");
+    None where it cannot tell (no /proc/cpuinfo, e.g. macOS, or no flags line in it)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -122,8 +119,17 @@ def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() in ("flags", "features"):
-            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+            return set(value.split())
     return None
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bfloat16 dot-product instructions, from /proc/cpuinfo.
+
+    x86: avx512_bf16 or amx_bf16; Arm: bf16. None where it cannot tell.
+    """
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
 
 
 def fastest_dtype() -> str:
