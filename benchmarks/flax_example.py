@@ -19,7 +19,10 @@ the matmul floor: the step's dense matmuls alone (forward and both gradients,
 the shapes `dense_matmuls` lists), or the beam search's (`search_matmuls`), so
 the line's speedup_bound, the example's time over the floor, is the most that
 a step or search doing these matmuls in float32 could gain over the example's
-on this host.
+on this host. And the parts outside those matmuls, each kind timed alone
+(`step_parts_floor`, `search_parts_floor`): speedup_bound_with_parts is the
+example's time over the floor and the parts together, the most this host
+allows a step or search that runs these parts as they run alone.
 
 Beam search (--what=beam): the base model, float32, random parameters, 32
 sources of 25 tokens, beam 4, alpha 0.6, exactly 40 output positions on both
@@ -324,16 +327,209 @@ def search_matmul_floor(size: str) -> tuple[float, float]:
     return _timed(jax.jit(search), jnp.zeros(()), args, _REPEATS.value)
 
 
+def step_parts(size: str) -> dict[str, int]:
+    """How many times a step at `size` runs each part outside the dense matmuls
+    (pre-LN, tied embeddings, dropout on residuals and embeddings)."""
+    layers = SIZES[size][1]
+    return {
+        "attention": 3 * layers,  # self-attention on both sides, cross-attention
+        "layer_norm": 5 * layers + 2,  # before every sublayer, after each stack
+        "dropout": 5 * layers + 2,  # after every sublayer, on both embeddings
+        "bias_relu": 2 * layers,  # the feed-forward layers' first half
+        "loss": 1,
+        "adam": 1,
+    }
+
+
+def _vjp_all(f, cotangent, *operands):
+    """f's output and its gradients with respect to every operand."""
+    out, pull = jax.vjp(f, *operands)
+    return out, pull(cotangent)
+
+
+def step_parts_floor(size: str) -> tuple[float, float, dict[str, float]]:
+    """The parts of a step at `size` outside its dense matmuls, each kind timed
+    alone (forward and gradients, all its instances in one jitted function, on
+    random float32 operands): the attentions' QK^T, masked softmax and x V
+    (packed rows' masks); the layer norms; dropout (the masks drawn); the
+    feed-forward's bias and ReLU; the loss over the logits; the Adam update of
+    every parameter. With the matmul floor, what no step of these shapes can
+    skip, as this host runs each part (embedding lookups, residual sums and the
+    heads' transposes left out)."""
+    from transformer import attention
+    from transformer.dropout import Dropout
+
+    d, layers, heads, vocab, rows, length = SIZES[size]
+    counts = step_parts(size)
+    rng = np.random.default_rng(0)
+
+    def operand(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+    batch = {k: jnp.asarray(v) for k, v in random_packed(rows, length, vocab).items()}
+    source, target = batch["inputs_segmentation"], batch["targets_segmentation"]
+    masks = [
+        attention.segment_mask(source, source),  # the encoder's self-attention
+        attention.combine_masks(
+            attention.causal_mask(length), attention.segment_mask(target, target)
+        ),  # the decoder's self-attention
+        attention.segment_mask(target, source),  # the decoder's cross-attention
+    ] * layers
+    heads_shape = (rows, length, heads, d // heads)
+    width = (rows, length, d)
+    norm, dropout = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32), Dropout(0.1)
+    norm_params = norm.init(jax.random.key(0), jnp.zeros((1, d)))
+
+    def attend(mask):
+        return lambda q, k, v: attention.dot_product_attention(q, k, v, mask)[0]
+
+    def dropped(i):
+        key = jax.random.key(i)
+        return lambda x: dropout.apply({}, x, deterministic=False, rngs={"dropout": key})
+
+    def loss(logits):
+        return train.cross_entropy_sums(logits, batch["targets"], SMOOTHING)["loss"]
+
+    model_cfg = _our_config(size)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(Transformer(model_cfg).init(jax.random.key(0), tokens, tokens)["params"])
+    optimizer = train.make_optimizer(model_cfg, config.TrainConfig(label_smoothing=SMOOTHING))
+    gradients = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+    def adam(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # kind -> [(function, cotangent or None, operands)]: distinct operands for each
+    # instance, so that XLA cannot merge them into one
+    parts = {
+        "attention": [
+            (attend(m), operand(*heads_shape), [operand(*heads_shape) for _ in range(3)])
+            for m in masks
+        ],
+        "layer_norm": [
+            (norm.apply, operand(*width), [norm_params, operand(*width)])
+            for _ in range(counts["layer_norm"])
+        ],
+        "dropout": [
+            (dropped(i), operand(*width), [operand(*width)]) for i in range(counts["dropout"])
+        ],
+        "bias_relu": [
+            (
+                lambda x, b: jax.nn.relu(x + b),
+                operand(rows * length, 4 * d),
+                [operand(rows * length, 4 * d), operand(4 * d)],
+            )
+            for _ in range(counts["bias_relu"])
+        ],
+        "loss": [(loss, jnp.ones(()), [operand(rows, length, vocab)])],
+        "adam": [(adam, None, [params, optimizer.init(params), gradients])],
+    }
+    assert {k: len(v) for k, v in parts.items()} == counts
+    compile_s, seconds = 0.0, {}
+    for kind, instances in parts.items():
+        functions = [f for f, _, _ in instances]
+
+        def run(state, operands, functions=functions):
+            return state, [
+                f(*ops) if g is None else _vjp_all(f, g, *ops)
+                for f, (g, ops) in zip(functions, operands, strict=True)
+            ]
+
+        operands = [(g, ops) for _, g, ops in instances]
+        c, s = _timed(jax.jit(run), jnp.zeros(()), (operands,), _REPEATS.value)
+        compile_s, seconds[kind] = compile_s + c, s
+    return compile_s, sum(seconds.values()), seconds
+
+
+def search_parts_floor(size: str) -> tuple[float, float, dict[str, float]]:
+    """The parts of our beam search at `size` outside its dense matmuls, each
+    kind timed alone over the OUTPUT_STEPS positions (a loop, random float32
+    operands): every decoder layer's self-attention over its cache, as the
+    search reads it (`attention.cached_self_attention`, the prefix that holds
+    the position), and its cross-attention over the sources; the 2W best
+    extensions of each sentence's beams from the output layer's logits
+    (`decoding.best_extensions`, normalising them). Every hypothesis must read
+    its cache and its logits at every position; the cache writes, the layer
+    norms and the bookkeeping are left out."""
+    from transformer import attention
+
+    d, layers, heads, vocab, _, _ = SIZES[size]
+    size_k, rows = d // heads, SOURCES * BEAM
+    rng = np.random.default_rng(0)
+
+    def operand(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+    query = operand(rows, 1, heads, size_k)
+    cache = [
+        (operand(SOURCES, heads, size_k, OUTPUT_STEPS * BEAM),  # keys, transposed
+         operand(SOURCES, heads, OUTPUT_STEPS * BEAM, size_k))
+        for _ in range(layers)
+    ]  # fmt: skip
+    lineage = jnp.asarray(rng.integers(0, BEAM, (SOURCES, BEAM, OUTPUT_STEPS)), jnp.int32)
+    parts = attention.prefix_parts(BEAM, OUTPUT_STEPS)
+    source = [
+        (operand(SOURCES, heads, size_k, SOURCE_LENGTH),  # keys, transposed
+         operand(SOURCES, heads, SOURCE_LENGTH, size_k))
+        for _ in range(layers)
+    ]  # fmt: skip
+    source_mask = attention.padding_mask(_sources(vocab))
+    # Logits of their own at every position, as the search reads them (not from a cache).
+    logits = operand(OUTPUT_STEPS, SOURCES, BEAM, vocab)
+
+    def self_attention(state, cache, lineage, query):
+        def position(step, q):
+            for key, value in cache:
+                q = attention.cached_self_attention(q, key, value, lineage, step, parts)[0]
+            return q
+
+        return state, jax.lax.fori_loop(0, OUTPUT_STEPS, position, query)
+
+    def cross_attention(state, source, query):
+        def position(_, q):
+            for key, value in source:
+                q = q.reshape(SOURCES, BEAM, heads, size_k)
+                q = attention.dot_product_attention(
+                    q, key, value, source_mask, heads_major=True, transposed_keys=True
+                )[0].reshape(rows, 1, heads, size_k)
+            return q
+
+        return state, jax.lax.fori_loop(0, OUTPUT_STEPS, position, query)
+
+    def extensions(state, logits):
+        def position(step, alive_logp):
+            only_eos = jnp.full((SOURCES,), step + 1 >= OUTPUT_STEPS)
+            scores, _, _ = decoding.best_extensions(
+                alive_logp, logits[step], 2 * BEAM, normalized=False, only_eos=only_eos
+            )
+            return scores[:, :BEAM]
+
+        return state, jax.lax.fori_loop(0, OUTPUT_STEPS, position, jnp.zeros((SOURCES, BEAM)))
+
+    kinds = {
+        "self_attention": (self_attention, (cache, lineage, query)),
+        "cross_attention": (cross_attention, (source, query)),
+        "best_extensions": (extensions, (logits,)),
+    }
+    compile_s, seconds = 0.0, {}
+    for kind, (function, args) in kinds.items():
+        c, s = _timed(jax.jit(function), jnp.zeros(()), args, _REPEATS.value)
+        compile_s, seconds[kind] = compile_s + c, s
+    return compile_s, sum(seconds.values()), seconds
+
+
 MEASURES = {
     ("ours", "step"): our_step, ("theirs", "step"): example_step,
     ("floor", "step"): matmul_floor, ("floor", "beam"): search_matmul_floor,
+    ("parts", "step"): step_parts_floor, ("parts", "beam"): search_parts_floor,
     ("ours", "beam"): our_beam, ("theirs", "beam"): example_beam,
 }  # fmt: skip
 
 
 def measure(one: str) -> dict:
     side, what, size = one.split(":")
-    compile_s, seconds = MEASURES[side, what](size)
+    compile_s, seconds, *parts = MEASURES[side, what](size)
     _, _, _, _, rows, length = SIZES[size]
     work = rows * length if what == "step" else SOURCES * OUTPUT_STEPS
     return {
@@ -342,6 +538,7 @@ def measure(one: str) -> dict:
         ("target_tokens_per_s" if what == "step" else "output_tokens_per_s"):
             round(work / seconds, 1),
         "peak_rss_gib": round(peak_rss_gib(), 3), "cpus": os.cpu_count(),
+        **({"parts": {k: round(v, 4) for k, v in parts[0].items()}} if parts else {}),
     }  # fmt: skip
 
 
@@ -373,7 +570,7 @@ def main(argv):
 
 def compare(what: str, size: str) -> None:
     """Both sides, alternating, each run in its own process; then the medians."""
-    sides = ("ours", "theirs", "floor")
+    sides = ("ours", "theirs", "floor", "parts")
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(_ROUNDS.value):
         for side in sides:
@@ -388,9 +585,13 @@ def compare(what: str, size: str) -> None:
             print(json.dumps(runs[side][-1]), flush=True)
     median = {s: round(statistics.median(r["seconds"] for r in runs[s]), 4) for s in runs}
     rss = {s: max(r["peak_rss_gib"] for r in runs[s]) for s in runs}
-    # The most that a step or search doing these matmuls could gain over the example's:
+    # The most that a step or search doing these matmuls could gain over the example's,
+    # then doing the other parts too, as this host runs each alone:
+    bound = median["floor"] + median["parts"]
     floor = {"matmul_floor_seconds": median["floor"],
-             "speedup_bound": round(median["theirs"] / median["floor"], 3)}  # fmt: skip
+             "speedup_bound": round(median["theirs"] / median["floor"], 3),
+             "parts_seconds": median["parts"],
+             "speedup_bound_with_parts": round(median["theirs"] / bound, 3)}  # fmt: skip
     print(json.dumps({
         "benchmark": "flax_example", "what": what, "size": size,
         "ours_seconds": median["ours"], "example_seconds": median["theirs"],

@@ -52,6 +52,52 @@ def test_the_matmul_floor_multiplies_every_dense_matmul_of_the_step(size):
 
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
+def test_the_step_parts_are_those_the_model_runs(size):
+    """benchmarks.flax_example times `step_parts` of each kind outside the matmuls:
+    the counts must be those of a training forward pass of the model at that size,
+    counted by intercepting its modules (dropout: only those that draw a mask)."""
+    import collections
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import flax_example
+    from transformer.attention import MultiHeadAttention
+    from transformer.dropout import Dropout
+    from transformer.model import FeedForward, Transformer
+
+    model = Transformer(flax_example._our_config(size))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    calls = collections.Counter()
+
+    def count(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__":
+            if isinstance(module, MultiHeadAttention):
+                calls["attention"] += 1
+            elif isinstance(module, nn.LayerNorm):
+                calls["layer_norm"] += 1
+            elif isinstance(module, FeedForward):
+                calls["bias_relu"] += 1
+            elif isinstance(module, Dropout) and module.rate > 0:
+                calls["dropout"] += 1
+        return next_fun(*args, **kwargs)
+
+    def forward():
+        variables = model.init(jax.random.key(0), tokens, tokens)
+        calls.clear()  # count the training pass only, not the initialization
+        with nn.intercept_methods(count):
+            rngs = {"dropout": jax.random.key(1)}
+            return model.apply(variables, tokens, tokens, deterministic=False, rngs=rngs)
+
+    jax.eval_shape(forward)
+    expected = dict(flax_example.step_parts(size))
+    assert expected.pop("loss") == 1 and expected.pop("adam") == 1
+    assert dict(calls) == expected
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
 def test_the_search_floor_multiplies_every_weight_matrix_of_the_search(size):
     """benchmarks.flax_example's beam floor times the shapes `search_matmuls` lists:
     once per search, each weight matrix of the encoder and the decoder's
