@@ -704,6 +704,58 @@ def test_cpu_bfloat16_instructions_are_read_from_cpuinfo(cpuinfo, expected):
 
 
 # ----------------------------------------------------------------------------
+# The compilation cache: a resumed run does not compile its step again
+# ----------------------------------------------------------------------------
+
+
+def test_the_compilation_cache_goes_to_the_workdir_on_accelerators_only(monkeypatch):
+    from experiments.wmt import compilation_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compilation_cache_dir("auto", "gs://b/run", "tpu") == "gs://b/run/compilation_cache"
+    assert compilation_cache_dir("auto", "/w", "gpu") == "/w/compilation_cache"
+    assert compilation_cache_dir("auto", "/w", "cpu") is None
+    assert compilation_cache_dir("off", "/w", "tpu") is None
+    assert compilation_cache_dir("/c", "/w", "cpu") == "/c"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/env")  # the user's, in auto's place
+    assert compilation_cache_dir("auto", "/w", "tpu") == "/env"
+    assert compilation_cache_dir("off", "/w", "tpu") is None
+    assert compilation_cache_dir("/c", "/w", "tpu") == "/c"
+
+
+def test_a_compilation_cache_folder_that_cannot_be_made_is_one_line(ding_sample, tmp_path):
+    from conftest import run_module
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    args = tiny_training_args(ding_sample, tmp_path / "run", 4)
+    result = run_module(
+        "experiments.wmt", *args, f"--compilation_cache={blocker}/cache", check=False
+    )
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines[-5:]
+    assert lines[0].startswith(f"experiments.wmt: error: --compilation_cache={blocker}/cache")
+    assert "cannot make that folder" in lines[0] and blocker.read_text() == ""
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_resumed_run_reads_its_step_from_the_compilation_cache(ding_sample, tmp_path):
+    """--compilation_cache=DIR on this CPU (auto would keep none here): the first
+    run writes its programs there, the resumed one finds its train step."""
+    from conftest import run_module
+
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*tiny_training_args(ding_sample, workdir, 4), f"--compilation_cache={cache}"]
+    run_module("experiments.wmt", *args)
+    assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+    log = {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}  # says which programs it read
+    result = run_module("experiments.wmt", *args, "--steps=8", env=log)
+    assert "resumed from step 4" in result.stdout.decode()
+    assert "Persistent compilation cache hit for 'jit_train_step'" in result.stderr.decode()
+    assert not (workdir / "compilation_cache").exists()
+
+
+# ----------------------------------------------------------------------------
 # No retracing: after its first steps, a run compiles nothing more
 # ----------------------------------------------------------------------------
 
