@@ -160,8 +160,57 @@ def _parse_flags(argv: list[str]) -> list[str]:
 # ~ for its downloads but not for the dataset: expanded here, for all of them.
 PATH_FLAGS = (
     "workdir", "init_from", "data_dir", "manual_dir", "input", "output", "hypotheses",
-    "source_file", "reference_file", "out_dir", "recipe",
+    "source_file", "reference_file", "out_dir", "recipe", "compilation_cache",
 )  # fmt: skip
+
+
+def define_compilation_cache_flag() -> flags.FlagHolder:
+    """--compilation_cache of the entry points that compile for a workdir."""
+    return flags.DEFINE_string(
+        "compilation_cache",
+        "auto",
+        "Where compiled programs are kept for the next run on this workdir: a folder "
+        "(gs:// too), 'off', or 'auto': WORKDIR/compilation_cache on TPUs and GPUs, so "
+        "that a restart does not compile again; off on CPUs. JAX_COMPILATION_CACHE_DIR, "
+        "where set, takes auto's place.",
+    )
+
+
+def compilation_cache_dir(setting: str, workdir: str, backend: str) -> str | None:
+    """The folder of jax's persistent compilation cache for --compilation_cache,
+    or None for none. Auto keeps it on accelerators only: there a large model
+    compiles for a minute or more at every start (64 s for base on an H100), and
+    a spot VM starts often. On a CPU the demo's programs compile in seconds, and
+    XLA:CPU refuses programs compiled on another CPU, which a shared workdir
+    would hold."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return None if backend == "cpu" else os.path.join(workdir, "compilation_cache")
+
+
+def use_compilation_cache(setting: str, workdir: str) -> None:
+    """Points jax's compilation cache where --compilation_cache says; call it before
+    anything compiles (and, in a run of several processes, after jax.distributed
+    is initialized: this starts the backend). A local folder that cannot be
+    made is a UserError."""
+    import jax
+
+    cache = compilation_cache_dir(setting, workdir, jax.default_backend())
+    if cache and "://" not in cache:
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"--compilation_cache={cache}: cannot make that folder ({e.strerror}); "
+                "give another, or off"
+            ) from None
+    jax.config.update("jax_compilation_cache_dir", cache)
+    if cache:
+        logging.info("compiled programs are kept in %s", cache)
 
 
 def _expand_home() -> None:

@@ -9,7 +9,7 @@ import sys
 from absl import flags
 
 from experiments import config_flags
-from experiments.cli import UserError
+from experiments.cli import UserError, define_compilation_cache_flag, use_compilation_cache
 from transformer import config, record, trained
 from transformer.translation import Translator
 
@@ -21,6 +21,7 @@ AVERAGE_LAST = flags.DEFINE_integer(
     "Average the parameters of the last K checkpoints (the paper: 5 or 20). Default: as "
     "the run's final evaluation (its --final_eval_average_last); 0: the latest alone.",
 )
+COMPILATION_CACHE = define_compilation_cache_flag()
 config_flags.define(config.DecodeConfig, note=" Default: the workdir's (shown: the paper's).")
 
 
@@ -50,6 +51,7 @@ def load() -> trained.Trained:
         # 5 or 20), so that its scores are reproduced; as many as there are, if fewer.
         kept = len(record.checkpoint_steps(WORKDIR.value))
         average = min(configs.train.final_eval_average_last, kept) if kept > 1 else 0
+    use_compilation_cache(COMPILATION_CACHE.value, WORKDIR.value)
     model = trained.load(WORKDIR.value, step=STEP.value, average_last=average)
     return dataclasses.replace(model, decode=decode)
 

@@ -44,14 +44,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CHECK_ONLY = flags.DEFINE_bool(
     "check_only", False, "Validate the flags, print the configs as JSON and exit."
 )
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache",
-    "auto",
-    "Where compiled programs are kept for the next run of this workdir: a folder "
-    "(gs:// too), 'off', or 'auto': WORKDIR/compilation_cache on TPUs and GPUs, so "
-    "that a restarted or resumed run does not compile again; off on CPUs. "
-    "JAX_COMPILATION_CACHE_DIR, where set, takes auto's place.",
-)
+_COMPILATION_CACHE = cli.define_compilation_cache_flag()
 
 
 def build_configs() -> tuple[
@@ -131,22 +124,6 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def compilation_cache_dir(setting: str, workdir: str, backend: str) -> str | None:
-    """The folder of jax's persistent compilation cache for --compilation_cache,
-    or None for none. Auto keeps it on accelerators only: there a large model
-    compiles for a minute or more at every start (64 s for base on an H100), and
-    a spot VM starts often. On a CPU the demo's programs compile in seconds, and
-    XLA:CPU refuses programs compiled on another CPU, which a shared workdir
-    would hold."""
-    if setting == "off":
-        return None
-    if setting != "auto":
-        return setting
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    return None if backend == "cpu" else os.path.join(workdir, "compilation_cache")
-
-
 def _resolve_dtype(model: config.ModelConfig) -> config.ModelConfig:
     """--dtype=auto -> the dtype that runs faster here (process 0's choice)."""
     if not model_flags.dtype_is_auto():
@@ -185,18 +162,7 @@ def main(argv: list[str]) -> None:
     from transformer import sharding
     from transformer.loop import Setup, train_and_evaluate
 
-    cache = compilation_cache_dir(_COMPILATION_CACHE.value, _WORKDIR.value, jax.default_backend())
-    if cache and "://" not in cache:
-        try:
-            os.makedirs(cache, exist_ok=True)
-        except OSError as e:
-            raise cli.UserError(
-                f"--compilation_cache={cache}: cannot make that folder ({e.strerror}); "
-                "give another, or off"
-            ) from None
-    jax.config.update("jax_compilation_cache_dir", cache)  # before anything compiles
-    if cache:
-        logging.info("compiled programs are kept in %s", cache)
+    cli.use_compilation_cache(_COMPILATION_CACHE.value, _WORKDIR.value)  # before compiling
     model = _resolve_dtype(model)  # after initialize: measuring starts the backend
     if jax.default_backend() == "cpu":
         from experiments import tcmalloc

@@ -69,6 +69,20 @@ def test_translate_gives_one_line_per_input_line(trained_workdir, tmp_path):
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+def test_translate_reads_its_programs_again_from_the_compilation_cache(trained_workdir, tmp_path):
+    """--compilation_cache=DIR on this CPU (auto keeps none here): the second
+    translation reads the search the first one compiled."""
+    cache = f"--compilation_cache={tmp_path}"
+    args = ("experiments.translate", f"--workdir={trained_workdir}", cache)
+    first = run_module(*args, stdin=b"Hallo Welt.\n")
+    assert any(name.startswith("jit_") for name in os.listdir(tmp_path))
+    log = {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}  # says which programs it read
+    second = run_module(*args, stdin=b"Hallo Welt.\n", env=log)
+    assert second.stdout == first.stdout
+    assert "Persistent compilation cache hit for 'jit_" in second.stderr.decode()
+    assert not (trained_workdir / "compilation_cache").exists()
+
+
 def test_a_file_in_another_encoding_is_named_line_by_line_then_counted(trained_workdir):
     latin1 = "Die Straße ist schön.\n".encode("latin-1") * 8
     result = run_module(  # stdout by name, a pipe (once: a .partial beside /proc/PID/fd/pipe:[N])
@@ -593,6 +607,7 @@ def test_a_vocabulary_of_another_run_is_refused(trained_workdir, sample_vocab, t
         (["--workdir=W", "--beam=2"], "Unknown command line flag 'beam'"),
         (["--workdir=W", "--step=80", "--average_last=2"], "not both"),
         (["--workdir=W", "--input=/nonexistent.txt"], "cannot be read"),
+        (["--workdir=W", "--compilation_cache=/dev/null/c"], "cannot make that folder"),
     ],
 )
 def test_translate_bad_flags_exit_1_with_one_line(trained_workdir, args, message):

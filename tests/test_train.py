@@ -709,7 +709,7 @@ def test_cpu_bfloat16_instructions_are_read_from_cpuinfo(cpuinfo, expected):
 
 
 def test_the_compilation_cache_goes_to_the_workdir_on_accelerators_only(monkeypatch):
-    from experiments.wmt import compilation_cache_dir
+    from experiments.cli import compilation_cache_dir
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     assert compilation_cache_dir("auto", "gs://b/run", "tpu") == "gs://b/run/compilation_cache"
