@@ -739,6 +739,16 @@ def test_a_compilation_cache_folder_that_cannot_be_made_is_one_line(ding_sample,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_cache_folder_that_cannot_be_made_is_named_as_it_was_given(monkeypatch, tmp_path):
+    from experiments import cli
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/dev/null/env")
+    with pytest.raises(cli.UserError, match=r"^JAX_COMPILATION_CACHE_DIR=/dev/null/env: cannot"):
+        cli.use_compilation_cache("auto", str(tmp_path))
+    with pytest.raises(cli.UserError, match=r"^--compilation_cache=/dev/null/c: cannot make"):
+        cli.use_compilation_cache("/dev/null/c", str(tmp_path))
+
+
 def test_a_resumed_run_reads_its_step_from_the_compilation_cache(ding_sample, tmp_path):
     """--compilation_cache=DIR on this CPU (auto would keep none here): the first
     run writes its programs there, the resumed one finds its train step."""
