@@ -13,7 +13,8 @@ for the metrics. Both models are pre-LN with tied embeddings, float32,
 dropout 0.1 on residuals and embeddings, none on attention weights, batches of
 packed rows (4 examples a row). Each size and side runs in its own process,
 sides alternating, --rounds times; prints one JSON line per run (median step
-time of --repeats steps after a warm-up, peak RSS) and one per size with the
+time of --repeats steps after a warm-up, peak RSS, and the temporary memory
+XLA planned for the program: program_temp_mib) and one per size with the
 medians and the speedup (the example's time over ours). Each round also times
 the matmul floor: the step's dense matmuls alone (forward and both gradients,
 the shapes `dense_matmuls` lists), or the beam search's (`search_matmuls`), so
@@ -92,10 +93,22 @@ def _sources(vocab: int) -> jax.Array:
     return jnp.asarray(inputs, jnp.int32)
 
 
+# XLA's temporary buffers of the last program `_timed` or `_timed_search` compiled, in
+# bytes: the memory a step or search needs beside its inputs, as the compiler plans it.
+# Unlike the peak RSS, it does not move with the allocator or the threads' timing.
+_program_temp_bytes: list[int] = []
+
+
+def _compiled(lowered):
+    compiled = lowered.compile()
+    _program_temp_bytes.append(compiled.memory_analysis().temp_size_in_bytes)
+    return compiled
+
+
 def _timed(step, state, args, repeats: int) -> tuple[float, float]:
     """(compile seconds, median seconds per step) of a jitted step(state, *args)."""
     start = time.perf_counter()
-    compiled = step.lower(state, *args).compile()
+    compiled = _compiled(step.lower(state, *args))
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, *args)
     jax.block_until_ready(metrics)
@@ -191,7 +204,7 @@ def example_step(size: str) -> tuple[float, float]:
 def _timed_search(search, *args) -> tuple[float, float]:
     """(compile seconds, median seconds) of a jitted search(*args), --repeats runs."""
     start = time.perf_counter()
-    compiled = jax.jit(search).lower(*args).compile()
+    compiled = _compiled(jax.jit(search).lower(*args))
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))
     times = []
@@ -533,7 +546,9 @@ def measure(one: str) -> dict:
     _, _, _, _, rows, length = SIZES[size]
     work = rows * length if what == "step" else SOURCES * OUTPUT_STEPS
     rate = {("target_tokens_per_s" if what == "step" else "output_tokens_per_s"):
-            round(work / seconds, 1)} if side in ("ours", "theirs") else {}  # fmt: skip
+            round(work / seconds, 1),
+            "program_temp_mib": round(_program_temp_bytes[-1] / 2**20, 1),
+            } if side in ("ours", "theirs") else {}  # fmt: skip
     return {
         "benchmark": "flax_example", "side": side, "what": what, "size": size,
         "compile_s": round(compile_s, 2), "seconds": round(seconds, 4),
@@ -600,6 +615,8 @@ def compare(what: str, size: str) -> None:
         "ours_seconds": median["ours"], "example_seconds": median["theirs"],
         "speedup": round(median["theirs"] / median["ours"], 3), **floor,
         "ours_peak_rss_gib": rss["ours"], "example_peak_rss_gib": rss["theirs"],
+        "ours_program_temp_mib": runs["ours"][0]["program_temp_mib"],
+        "example_program_temp_mib": runs["theirs"][0]["program_temp_mib"],
     }), flush=True)  # fmt: skip
 
 
