@@ -69,20 +69,6 @@ def test_translate_gives_one_line_per_input_line(trained_workdir, tmp_path):
     assert not (tmp_path / "out.txt.partial").exists()
 
 
-def test_translate_reads_its_programs_again_from_the_compilation_cache(trained_workdir, tmp_path):
-    """--compilation_cache=DIR on this CPU (auto keeps none here): the second
-    translation reads the search the first one compiled."""
-    cache = f"--compilation_cache={tmp_path}"
-    args = ("experiments.translate", f"--workdir={trained_workdir}", cache)
-    first = run_module(*args, stdin=b"Hallo Welt.\n")
-    assert any(name.startswith("jit_") for name in os.listdir(tmp_path))
-    log = {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}  # says which programs it read
-    second = run_module(*args, stdin=b"Hallo Welt.\n", env=log)
-    assert second.stdout == first.stdout
-    assert "Persistent compilation cache hit for 'jit_" in second.stderr.decode()
-    assert not (trained_workdir / "compilation_cache").exists()
-
-
 def test_a_file_in_another_encoding_is_named_line_by_line_then_counted(trained_workdir):
     latin1 = "Die Straße ist schön.\n".encode("latin-1") * 8
     result = run_module(  # stdout by name, a pipe (once: a .partial beside /proc/PID/fd/pipe:[N])
