@@ -204,13 +204,12 @@ def use_compilation_cache(setting: str, workdir: str) -> None:
         try:
             os.makedirs(cache, exist_ok=True)
         except OSError as e:
-            given = (
-                f"--compilation_cache={cache}"
-                if setting != "auto"
-                else f"JAX_COMPILATION_CACHE_DIR={cache}"
-                if cache == os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                else f"the compilation cache {cache} (--compilation_cache=auto)"
-            )
+            if setting != "auto":
+                given = f"--compilation_cache={cache}"
+            elif cache == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+                given = f"JAX_COMPILATION_CACHE_DIR={cache}"
+            else:
+                given = f"the compilation cache {cache} (--compilation_cache=auto)"
             raise UserError(
                 f"{given}: cannot make that folder ({e.strerror}); "
                 "give another with --compilation_cache, or off"
