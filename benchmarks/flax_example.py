@@ -105,6 +105,12 @@ def _compiled(lowered):
     return compiled
 
 
+def _random_operands():
+    """operand(*shape): standard normal float32 arrays, the same sequence in every process."""
+    rng = np.random.default_rng(0)
+    return lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+
+
 def _timed(step, state, args, repeats: int) -> tuple[float, float]:
     """(compile seconds, median seconds per step) of a jitted step(state, *args)."""
     start = time.perf_counter()
@@ -284,10 +290,7 @@ def matmul_floor(size: str) -> tuple[float, float]:
     function on random float32 operands: a floor for any step at `size` on this
     host (no attention, normalisation, dropout, loss or optimizer)."""
     shapes = dense_matmuls(size)
-    rng = np.random.default_rng(0)
-
-    def operand(*shape):
-        return jnp.asarray(rng.standard_normal(shape, np.float32))
+    operand = _random_operands()
 
     operands = [(operand(n, k), operand(k, m), operand(n, m)) for n, k, m in shapes]
 
@@ -376,10 +379,7 @@ def step_parts_floor(size: str) -> tuple[float, float, dict[str, float]]:
 
     d, layers, heads, vocab, rows, length = SIZES[size]
     counts = step_parts(size)
-    rng = np.random.default_rng(0)
-
-    def operand(*shape):
-        return jnp.asarray(rng.standard_normal(shape, np.float32))
+    operand = _random_operands()
 
     batch = {k: jnp.asarray(v) for k, v in random_packed(rows, length, vocab).items()}
     source, target = batch["inputs_segmentation"], batch["targets_segmentation"]
@@ -469,10 +469,7 @@ def search_parts_floor(size: str) -> tuple[float, float, dict[str, float]]:
     norms and the bookkeeping are left out."""
     d, layers, heads, vocab, _, _ = SIZES[size]
     size_k, rows = d // heads, SOURCES * BEAM
-    rng = np.random.default_rng(0)
-
-    def operand(*shape):
-        return jnp.asarray(rng.standard_normal(shape, np.float32))
+    operand = _random_operands()
 
     query = operand(rows, 1, heads, size_k)
     cache = [
@@ -480,7 +477,8 @@ def search_parts_floor(size: str) -> tuple[float, float, dict[str, float]]:
          operand(SOURCES, heads, OUTPUT_STEPS * BEAM, size_k))
         for _ in range(layers)
     ]  # fmt: skip
-    lineage = jnp.asarray(rng.integers(0, BEAM, (SOURCES, BEAM, OUTPUT_STEPS)), jnp.int32)
+    beams = np.random.default_rng(1).integers(0, BEAM, (SOURCES, BEAM, OUTPUT_STEPS))
+    lineage = jnp.asarray(beams, jnp.int32)
     prefixes = attention.prefix_parts(BEAM, OUTPUT_STEPS)
     source = [
         (operand(SOURCES, heads, size_k, SOURCE_LENGTH),  # keys [B, N, K, S]
