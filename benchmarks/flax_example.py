@@ -2,6 +2,8 @@ r"""Our training step and beam search against the Flax WMT example's, same shape
 
   python -m benchmarks.flax_example --example=PATH/flax/examples/wmt
   python -m benchmarks.flax_example --example=... --what=step --sizes=tiny,small,base --rounds=3
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.flax_example \
+      --example=... --what=step --mesh=data:-1   # our step data-parallel over 2 CPU devices
 
 --example is the example's folder in a checkout of Flax (it is not part of
 the flax package, and this project ships none of its code); its models.py and
@@ -65,6 +67,8 @@ _WHAT = flags.DEFINE_list("what", ["step", "beam"], "step and/or beam.")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small", "base"], "Sizes of the step comparison.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Runs of each side per size.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per run.", lower_bound=1)
+# A CPU has one device unless XLA_FLAGS=--xla_force_host_platform_device_count=N gives it N.
+_MESH = flags.DEFINE_string("mesh", "data:-1", "Our step's mesh over this process's devices.")
 _ONE = flags.DEFINE_string("one", None, "Internal: SIDE:WHAT:SIZE measured in this process.")
 
 # d_model, layers each side, heads, vocabulary, rows, row length
@@ -150,7 +154,7 @@ def our_step(size: str) -> tuple[float, float]:
     _, _, _, vocab, rows, length = SIZES[size]
     model_cfg = _our_config(size)
     train_cfg = config.TrainConfig(label_smoothing=SMOOTHING)
-    mesh = sharding.make_mesh(sharding.parse_mesh("data:-1", jax.device_count()))
+    mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value, jax.device_count()))
     model, optimizer = Transformer(model_cfg), train.make_optimizer(model_cfg, train_cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         state, shardings = train.create_state(model, optimizer, 0, mesh)
@@ -558,6 +562,10 @@ def measure(one: str) -> dict:
 
 def main(argv):
     del argv
+    try:
+        sharding.parse_mesh(_MESH.value, jax.device_count())
+    except config.ConfigError as e:
+        raise cli.UserError(f"--mesh={_MESH.value}: {e}") from None
     example = _EXAMPLE.value
     if not example or not all(
         os.path.isfile(os.path.join(example, f"{n}.py")) for n in ("models", "decode")
@@ -590,7 +598,7 @@ def compare(what: str, size: str) -> None:
         for side in sides:
             command = [sys.executable, "-m", "benchmarks.flax_example",
                        f"--example={_EXAMPLE.value}", f"--repeats={_REPEATS.value}",
-                       f"--one={side}:{what}:{size}"]  # fmt: skip
+                       f"--mesh={_MESH.value}", f"--one={side}:{what}:{size}"]  # fmt: skip
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 last = result.stderr.strip().splitlines()[-1]

@@ -22,6 +22,7 @@ import pytest
         ("loop", ["--steps=5"], "--steps=5"),
         ("flax_example", ["--example=/nonexistent"], "give the Flax WMT example's folder"),
         ("flax_example", [], "--example is required: give the Flax WMT example's folder"),
+        ("flax_example", ["--mesh=data:3"], "--mesh=data:3: mesh 'data:3' has 3 devices"),
         ("avx2_only", [], "no command: python -m benchmarks.avx2_only -- COMMAND"),
         ("avx2_only", ["--check", "--", "true"], "--check runs its own probe"),
         ("avx2_only", ["--", "/nonexistent/tool"], "/nonexistent/tool: no such program on PATH"),
