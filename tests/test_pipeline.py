@@ -1,6 +1,7 @@
 """The grain pipeline on the sample corpus: content, resume, process shards, evaluation."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -156,6 +157,19 @@ def test_epochs_differ_and_continue_past_the_first(train):
     assert not np.array_equal(batches[0]["inputs"], batches[size]["inputs"])
 
 
+def test_a_plan_keeps_its_last_epochs_only_and_plans_an_earlier_one_again_alike(train):
+    size = _epoch_size(train.plan)
+    plan = pipeline.TrainPlan(train.plan.index, train.plan.data, 32, 0, train.plan.row_multiple)
+    assert plan.batch(5 * size)[0] >= 4
+    assert len(plan._epochs) == plan.KEPT_EPOCHS
+    for n in (0, size - 1, size):  # epoch 0's first and last batches, epoch 1's first
+        epoch, length, rows = plan.batch(n)
+        assert (epoch, length) == train.plan.batch(n)[:2]
+        for a, b in zip(rows, train.plan.batch(n)[2], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert len(plan._epochs) == plan.KEPT_EPOCHS
+
+
 def test_two_processes_read_disjoint_halves(ding_sample, sample_vocab, tmp_path):
     (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
     args = dict(data=ding_sample, workdir=str(tmp_path), vocab_size=350, max_len=32, seed=0)
@@ -273,6 +287,27 @@ def test_subword_sampled_batches_resume_exactly_and_differ_from_plain_ones(
         np.testing.assert_array_equal(a["targets_segmentation"] > 0, a["targets"] > 0)
         differ += not all(np.array_equal(a[k], p[k]) for k in ("inputs", "targets"))
     assert differ == 3  # ...and other segmentations than the plain batches'
+
+
+def test_a_process_whose_share_is_padding_rows_gets_empty_rows_with_sampling_too(
+    ding_sample, sample_vocab, tmp_path
+):
+    (tmp_path / "vocab.model").write_bytes(sample_vocab.proto)
+    sampled = ding_sample.replace(subword_sampling=0.5)
+    data = pipeline.train_data(sampled, str(tmp_path), 350, max_len=32, seed=0)
+    _, length, rows = data.plan.batch(0)
+    # An epoch's last batch: its examples first, then rows of none.
+    last = types.SimpleNamespace(
+        batch=lambda n: (0, length, [*rows[:4], *[np.zeros(0, np.int64)] * 4]),
+        data=data.plan.data,
+        seed=data.plan.seed,
+    )
+    shares = [
+        pipeline.TrainBatches(data.dataset.ids, last, p, 2, data.dataset.text)[0] for p in (0, 1)
+    ]
+    assert all(v.shape == (4, length) for share in shares for v in share.values())
+    assert (shares[0]["targets"][:, 0] > 0).all()  # process 0: four rows of examples
+    assert not any(v.any() for v in shares[1].values())  # process 1: padding only
 
 
 def test_subword_sampled_batches_from_workers_equal_those_from_threads(

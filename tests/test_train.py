@@ -570,6 +570,13 @@ def test_a_slow_host_trains_without_dropout(tmp_path, capsys):
     ample = dataclasses.replace(setup, train=recipe.replace(train_minutes=600, dropout_min_steps=2))
     assert fit_recipe_to_host(ample, mesh).model == model
     assert "dropout 0.1 kept" in capsys.readouterr().out
+    # Bucketed rows for 3 micro-batches: a multiple of 3 (and of the devices).
+    bucketed = dataclasses.replace(
+        setup, data=data.replace(batching="bucketed", tokens_per_batch=96),
+        train=recipe.replace(grad_accum_steps=3), workdir=str(tmp_path / "bucketed"),
+    )  # fmt: skip
+    assert fit_recipe_to_host(bucketed, mesh).model == slow.model
+    assert "training without dropout" in capsys.readouterr().out
     # A resumed run keeps what its workdir recorded, whatever the host measures now,
     # also when it trains on by steps alone (once refused as a model of other dropout).
     record.write_config(str(tmp_path), slow.configs())

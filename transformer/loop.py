@@ -213,7 +213,8 @@ def fit_recipe_to_host(setup: Setup, mesh) -> Setup:
     rows, length = data.batch_rows, data.row_length
     if data.batching == "bucketed":
         length = model.max_len
-        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        # The rows split over the batch's devices and into micro-batches, as the run's do.
+        multiple = mesh.shape["data"] * mesh.shape["fsdp"] * train.grad_accum_steps
         rows = max(1, data.tokens_per_batch // length // multiple) * multiple
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
         seconds = seconds_per_step(model, train, mesh, rows, length)

@@ -113,6 +113,8 @@ def epoch_repeats(index: ExampleIndex, data: DataConfig, max_len: int) -> np.nda
 class TrainPlan:
     """Global batches of every epoch, computed lazily; batch n -> (epoch, i)."""
 
+    KEPT_EPOCHS = 2  # batches in flight may still come from the epoch before
+
     def __init__(
         self, index: ExampleIndex, data: DataConfig, max_len: int, seed: int, row_multiple: int
     ):
@@ -126,12 +128,14 @@ class TrainPlan:
                 f"no training example fits max_len={self.max_len}: raise --max_len "
                 "(and --row_length, which must hold it)"
             )
-        self._epochs: list[list] = []
+        # The plans of the last KEPT_EPOCHS epochs reached (a resume or a long
+        # run does not hold every earlier one), and where every epoch starts.
+        self._epochs: dict[int, list] = {}
         self._starts: list[int] = [0]
         self._lock = threading.Lock()
 
     def __getstate__(self):  # a worker process plans the epochs it reaches itself
-        return {**self.__dict__, "_epochs": [], "_starts": [0], "_lock": None}
+        return {**self.__dict__, "_epochs": {}, "_starts": [0], "_lock": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())
@@ -155,13 +159,20 @@ class TrainPlan:
         """(epoch, padded length, rows) of global batch n."""
         with self._lock:
             while n >= self._starts[-1]:
-                epoch = len(self._epochs)
-                self._epochs.append(self._plan_epoch(epoch))
-                self._starts.append(self._starts[-1] + len(self._epochs[-1]))
-                logging.info("planned epoch %d: %d batches", epoch, len(self._epochs[-1]))
+                epoch = len(self._starts) - 1
+                plan = self._keep(epoch, self._plan_epoch(epoch))
+                self._starts.append(self._starts[-1] + len(plan))
+                logging.info("planned epoch %d: %d batches", epoch, len(plan))
             epoch = int(np.searchsorted(self._starts, n, side="right")) - 1
-            length, rows = self._epochs[epoch][n - self._starts[epoch]]
+            plan = self._epochs.get(epoch) or self._keep(epoch, self._plan_epoch(epoch))
+            length, rows = plan[n - self._starts[epoch]]
         return epoch, length, rows
+
+    def _keep(self, epoch: int, plan: list) -> list:
+        self._epochs[epoch] = plan
+        for old in sorted(self._epochs)[: -self.KEPT_EPOCHS]:
+            del self._epochs[old]
+        return plan
 
 
 def layout(
@@ -247,7 +258,9 @@ class TrainBatches(grain.MapDataset):
         # and whichever thread or process prepares it.
         rng = np.random.default_rng([self.plan.seed, int(n)])
         pairs = resegment(vocab, texts, pairs, self.plan.data.subword_sampling, rng)
-        sources, targets = (token_ids.Ragged.from_lists(side) for side in zip(*pairs, strict=True))
+        # A process's share may hold only padding rows (an epoch's last batch).
+        sources = token_ids.Ragged.from_lists([ids for ids, _ in pairs])
+        targets = token_ids.Ragged.from_lists([ids for _, ids in pairs])
         return layout(sources, targets, local, length, packed)
 
     @staticmethod
