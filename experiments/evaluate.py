@@ -20,6 +20,7 @@ import os
 import sys
 
 from absl import flags
+from etils import epath
 
 from experiments import cli, config_flags, trained_flags
 from transformer import config, metrics, record
@@ -88,8 +89,6 @@ def pairs_from_files() -> tuple[list[str], list[str], str]:
 
 
 def pairs_from_split(data) -> tuple[list[str], list[str], str]:
-    if SPLIT.value not in datasets.SPLITS:
-        raise cli.UserError(f"--split must be one of {', '.join(datasets.SPLITS)}")
     source = datasets.load_split(data, SPLIT.value)
     n = len(source) if not LIMIT.value else min(LIMIT.value, len(source))
     pairs = source.texts(range(n))
@@ -105,6 +104,8 @@ def main(argv: list[str]) -> None:
         raise cli.UserError("--reference_file needs --source_file (the sentences it translates)")
     if SOURCE_FILE.value and flags.FLAGS["split"].present:
         raise cli.UserError("--split and --source_file exclude each other; give one")
+    if SPLIT.value not in datasets.SPLITS:  # before the model loads
+        raise cli.UserError(f"--split must be one of {', '.join(datasets.SPLITS)}")
     if HYPOTHESES.value:
         inputs = tuple(f for f in (SOURCE_FILE.value, REFERENCE_FILE.value) if f)
         cli.check_output_file("hypotheses", HYPOTHESES.value, inputs)
@@ -136,8 +137,10 @@ def main(argv: list[str]) -> None:
     hypotheses = translator.translate(sources)
     meter.finish()
     scores = metrics.evaluate_translations(hypotheses, references, data.languages()[1])
-    with open(out, "w", encoding="utf-8") as f:
-        f.writelines(" ".join(h.split()) + "\n" for h in hypotheses)
+    # epath: the workdir, where they go by default, may be gs://.
+    epath.Path(out).write_text(
+        "".join(" ".join(h.split()) + "\n" for h in hypotheses), encoding="utf-8"
+    )
     what = f"{counted(len(sources), 'sentence')}, {model.describe()}"
     print(f"{name}: {what}, {translator.decode.describe()}")
     print(f"sacreBLEU {scores['sacrebleu']:.2f}  ({scores['sacrebleu_signature']})")

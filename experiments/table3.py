@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -88,8 +89,28 @@ def finished(workdir: epath.Path) -> dict | None:
     path = workdir / "results.json"
     if not path.exists():
         return None
-    results = json.loads(path.read_text())
-    return None if results.get("preempted") or "validation_sacrebleu" not in results else results
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # cut short by a kill: the run is rerun, which writes it again
+    if not isinstance(results, dict) or results.get("preempted"):
+        return None
+    return results if "validation_sacrebleu" in results else None
+
+
+def run_to_its_end(command: list[str]) -> int:
+    """Runs a training command; its exit code. A Ctrl-C (which the run gets too)
+    or a SIGTERM (passed on to it) waits for the run to save its checkpoint and
+    stop, rather than killing it mid-save or leaving it training alone."""
+    with subprocess.Popen(command) as process:
+        previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.wait()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train(row: table3.Row, seed: int, out: epath.Path) -> dict:
@@ -103,7 +124,7 @@ def train(row: table3.Row, seed: int, out: epath.Path) -> dict:
             shutil.copyfile(shared_vocab, workdir / VOCAB_FILE)
         print(f"== {row.label}, seed {seed}: training in {workdir}", flush=True)
         command = [sys.executable, "-m", "experiments.wmt", *run_flags(row, seed, str(workdir))]
-        if subprocess.run(command).returncode != 0:
+        if run_to_its_end(command) != 0:
             raise cli.UserError(
                 f"the run of {row.label} (seed {seed}) failed; its output is above, its "
                 f"workdir {workdir}; rerun the same command to resume"

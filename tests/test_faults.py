@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import run_module, tiny_training_args
+from etils import epath
 
 from transformer import record, trained
 
@@ -363,6 +364,21 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_earlier_checkpoints(ding_samp
         assert steps, "no checkpoint was completed before the disk filled"
         params = _final_params(workdir)  # the newest complete checkpoint still restores
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_run_record_is_replaced_whole_or_not_at_all(tmp_path):
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        results = mount / "results.json"
+        record.write_whole(epath.Path(results), '{"step": 1}')
+        with pytest.raises(OSError, match="No space left on device"):
+            record.write_whole(epath.Path(results), json.dumps({"step": 2, "pad": "x" * 100_000}))
+        assert results.read_text() == '{"step": 1}'  # the earlier record, whole
+        assert os.listdir(mount) == ["results.json"]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

@@ -685,12 +685,14 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_work
 
 
 def _fingerprint(folder) -> dict:
-    return {str(f): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+    """The training's files; the hypotheses that evaluate tests write there meanwhile aside."""
+    files = (f for f in sorted(folder.rglob("*")) if f.is_file())
+    return {str(f): f.read_bytes() for f in files if not f.name.startswith("hypotheses.")}
 
 
 def test_outputs_that_are_an_input_or_part_of_a_workdir_are_refused(trained_workdir, tmp_path):
     before = _fingerprint(trained_workdir)
-    source = tmp_path / "in.txt"
+    source = tmp_path / "in.partial"  # translate's temporary name for an output "in"
     source.write_text("Das Haus.\n")
     other = tmp_path / "other"  # another run's workdir, which an average must not take over
     other.mkdir()
@@ -698,12 +700,15 @@ def test_outputs_that_are_an_input_or_part_of_a_workdir_are_refused(trained_work
     cases = [
         ("experiments.translate", [f"--input={source}", f"--output={source}"],
          f"--output={source} is also the input"),
+        ("experiments.translate", [f"--input={source}", f"--output={tmp_path / 'in'}"],
+         f"--input={source} is where --output={tmp_path / 'in'} is written until complete"),
         ("experiments.translate", [f"--output={trained_workdir / 'config.json'}"],
          f"would overwrite {trained_workdir}'s config.json"),
         ("experiments.evaluate", [f"--hypotheses={trained_workdir / 'vocab.model'}"],
          f"would overwrite {trained_workdir}'s vocab.model"),
         ("experiments.evaluate", [f"--source_file={source}", f"--reference_file={source}",
                                   f"--hypotheses={source}"], "is also the input"),
+        ("experiments.evaluate", ["--split=tset"], "--split must be one of"),
         ("experiments.evaluate", [f"--reference_file={source}"],
          "--reference_file needs --source_file"),
         ("experiments.evaluate", [f"--source_file={source}", "--split=test"],

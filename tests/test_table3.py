@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import run_module
@@ -134,6 +136,48 @@ def test_table3_trains_each_row_once_and_writes_its_table(ding_sample, tmp_path)
     again = run_module("experiments.table3", *args).stdout.decode()
     assert "== " not in again  # nothing trained twice
     assert (out / "table3.md").read_text() == table
+
+
+_CHILD = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def save(*_):
+    time.sleep(0.5)  # a checkpoint's save
+    (folder / "saved").write_text("yes")
+    sys.exit(3)
+signal.signal(signal.SIGTERM, save)
+(folder / "ready").write_text("yes")
+time.sleep(60)
+"""
+
+
+def test_a_sigterm_to_table3_waits_for_its_run_to_save(tmp_path):
+    command = [sys.executable, "-c", _CHILD, str(tmp_path)]
+    parent = subprocess.Popen([
+        sys.executable, "-c", "import sys; from experiments.table3 import run_to_its_end; "
+        f"sys.exit(run_to_its_end({command!r}))",
+    ])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 3  # the run's own exit, after its save
+        assert (tmp_path / "saved").read_text() == "yes"
+    finally:
+        parent.kill()
+        subprocess.run(["pkill", "-f", str(tmp_path)], check=False)  # an orphaned run
+
+
+def test_a_results_file_cut_short_is_a_run_to_finish(tmp_path):
+    from etils import epath
+
+    from experiments.table3 import finished
+
+    (tmp_path / "results.json").write_text('{"step": 3, "validation_sac')
+    assert finished(epath.Path(tmp_path)) is None
+    (tmp_path / "results.json").write_text('{"step": 3, "validation_sacrebleu": 1.5}')
+    assert finished(epath.Path(tmp_path)) == {"step": 3, "validation_sacrebleu": 1.5}
 
 
 def test_compare_names_a_workdir_without_results(tmp_path):

@@ -147,7 +147,7 @@ def _write_results(workdir: str, results: dict) -> None:
     if isinstance(earlier, dict) and earlier.get("step") == results["step"]:
         earlier.pop("preempted", None)  # this run says whether it was
         results = {**earlier, **results}
-    path.write_text(json.dumps(results, indent=2))
+    record.write_whole(path, json.dumps(results, indent=2))
 
 
 def _check_init_from(setup: Setup) -> None:

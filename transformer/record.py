@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from etils import epath
 
@@ -93,7 +94,19 @@ def write_config(workdir: str, configs: Configs) -> None:
     check_config(workdir, configs)
     path = epath.Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(configs.as_record(), indent=2) + "\n")
+    write_whole(path, json.dumps(configs.as_record(), indent=2) + "\n")
+
+
+def write_whole(path: epath.Path, text: str) -> None:
+    """Writes `text` under a temporary name, then renames it to `path`: a run
+    killed while writing leaves the earlier file (or none), never half of one."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:  # a full disk, a Ctrl-C: no temporary file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_record(path: epath.Path) -> dict:

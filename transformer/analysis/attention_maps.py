@@ -10,6 +10,7 @@ columns the positions attended to (keys).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from transformer.architecture import Model
 
@@ -72,8 +74,10 @@ def plot(
         ax.set_yticks(range(len(query_labels)), query_labels, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    epath.Path(path).write_bytes(png.getvalue())  # a gs:// workdir's folder too
 
 
 def write_maps(
@@ -94,7 +98,7 @@ def write_maps(
         "decoder_self": (decoder_labels, decoder_labels),
         "encoder_decoder": (decoder_labels, source_pieces),
     }
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = []
     for (kind, layer), weights in attention_weights(model, params, inputs, targets).items():
         path = os.path.join(out_dir, f"{kind}_layer{layer + 1}.png")
