@@ -160,7 +160,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 # ~ for its downloads but not for the dataset: expanded here, for all of them.
 PATH_FLAGS = (
     "workdir", "init_from", "data_dir", "manual_dir", "input", "output", "hypotheses",
-    "source_file", "reference_file", "out_dir", "recipe", "compilation_cache",
+    "source_file", "reference_file", "out_dir", "recipe", "compilation_cache", "workdirs",
 )  # fmt: skip
 
 
@@ -221,8 +221,11 @@ def use_compilation_cache(setting: str, workdir: str) -> None:
 
 def _expand_home() -> None:
     for name in PATH_FLAGS:
-        if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
-            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
+        value = flags.FLAGS[name].value if name in flags.FLAGS else None
+        if isinstance(value, str):
+            flags.FLAGS[name].value = os.path.expanduser(value)
+        elif isinstance(value, list):  # a list of paths
+            flags.FLAGS[name].value = [os.path.expanduser(v) for v in value]
 
 
 def run(main: Callable[[list[str]], None]) -> None:

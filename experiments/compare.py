@@ -63,7 +63,10 @@ def row(workdir: str) -> dict:
     results = _results(workdir)
     split = next((k[: -len("_sacrebleu")] for k in results if k.endswith("_sacrebleu")), None)
     if split is None or results.get("preempted"):
-        raise cli.UserError(f"{workdir} has no final evaluation: rerun its command to finish it")
+        raise cli.UserError(
+            f"{workdir} has no final evaluation: rerun its command to finish it "
+            "(with a --final_eval_split, where it was given none)"
+        )
     model = record.read_configs(workdir).model
     rates = _rates(workdir)
     figures = {

@@ -5,7 +5,8 @@ r"""Parameter counts: the formula per component beside the real model, and Table
   python -m experiments.params --table3               # every Table 3 row vs the paper
   python -m experiments.params --preset=cpu --architecture=lstm   # the recurrent baseline
 
-Counts use a shared vocabulary of 37000 pieces unless --vocab_size says otherwise.
+Counts use the preset's vocabulary (37000 shared pieces for the paper's models,
+4000 for cpu, 512 for tiny) unless --vocab_size says otherwise.
 Nothing is allocated: the real count comes from jax.eval_shape.
 """
 
@@ -102,8 +103,9 @@ def main(argv: list[str]) -> None:
     if _TABLE3.value:
         given = config_flags.given(config.ModelConfig)
         others = sorted(set(given) - {"vocab_size"})
-        if others or flags.FLAGS["preset"].present:
-            shown = ", ".join(f"--{name}" for name in others or ["preset"])
+        others += [name for name in ("preset", "num_layers") if flags.FLAGS[name].present]
+        if others:
+            shown = ", ".join(f"--{name}" for name in others)
             raise cli.UserError(
                 f"--table3 sets every row's model itself; only --vocab_size applies, not {shown}"
             )

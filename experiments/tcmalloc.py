@@ -110,7 +110,7 @@ def use_tcmalloc() -> None:
     if sys.argv[:1] != ["-m"] or not getattr(sys, "orig_argv", None):
         return
     if os.environ.get(OPT_OUT, "tcmalloc") not in ("tcmalloc", "system"):
-        program = sys.orig_argv[sys.orig_argv.index("-m") + 1]  # as cli.fail names it
+        program = _module_run()  # as cli.fail names it
         sys.exit(
             f"{program}: error: {OPT_OUT}={os.environ[OPT_OUT]!r}: set it to 'system' to "
             "keep the C library's malloc, or unset it to use tcmalloc where it is installed"
@@ -128,3 +128,12 @@ def use_tcmalloc() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # the interpreter cannot be started again: go on as we are
         return
+
+
+def _module_run() -> str:
+    """The module of `python -m NAME` (or `-mNAME`), from the interpreter's arguments."""
+    args = sys.orig_argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("-m"):
+            return arg[2:] or (args[i + 1] if i + 1 < len(args) else "python")
+    return "python"

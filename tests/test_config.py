@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -128,6 +129,10 @@ def test_flags_change_only_what_they_name_over_the_presets(tmp_path):
     assert given["train"]["label_smoothing"] == 0.05
     assert given["decode"]["beam_size"] == 6 and given["model"]["dropout"] == 0.3
     assert given["model"]["d_model"] == 512 and given["train"]["steps"] == 100_000
+    # --num_layers after the demo's flagfile sets both sides; a side's own flag, that side.
+    demo = pathlib.Path(__file__).parents[1] / "experiments/configs/ding_deen_cpu.flags"
+    deeper = _check_only(f"--flagfile={demo}", "--num_layers=4", "--num_decoder_layers=1")
+    assert (deeper["model"]["num_encoder_layers"], deeper["model"]["num_decoder_layers"]) == (4, 1)
 
 
 def test_unknown_preset_lists_the_choices():

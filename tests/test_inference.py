@@ -611,6 +611,11 @@ def test_a_path_flag_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
     assert f"{tmp_path}/nothing is not a training workdir" in _one_line_error(
         result, "experiments.translate"
     )
+    result = run_module(  # a list of paths too
+        "experiments.compare", "--workdirs=~/a,~/b", check=False, env={"HOME": str(tmp_path)}
+    )
+    line = _one_line_error(result, "experiments.compare")
+    assert f"{tmp_path}/a has no results.json" in line
 
 
 def _damaged_copy(trained_workdir, tmp_path, damage: str):

@@ -73,6 +73,7 @@ def test_table3_command_prints_every_row():
         # Beyond int32: once an OverflowError from jax.eval_shape.
         ("--vocab_size=3000000000", "vocab_size must be a positive integer below 2**31"),
         ("--num_heads=16", "only --vocab_size applies, not --num_heads"),
+        ("--num_layers=4", "only --vocab_size applies, not --num_layers"),
     ):
         result = subprocess.run(
             [sys.executable, "-m", "experiments.params", "--table3", flag],

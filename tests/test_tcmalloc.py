@@ -43,11 +43,10 @@ def test_the_opt_out_keeps_the_c_librarys_malloc():
     assert allocator_of(TRANSFORMER_ALLOCATOR="system") == "system"
 
 
-def test_a_bad_opt_out_value_is_a_one_line_error():
+@pytest.mark.parametrize("module", [["-m", "experiments.allocator"], ["-mexperiments.allocator"]])
+def test_a_bad_opt_out_value_is_a_one_line_error(module):
     env = dict(os.environ, TRANSFORMER_ALLOCATOR="glibc")
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.allocator"], env=env, capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, *module], env=env, capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "experiments.allocator: error: TRANSFORMER_ALLOCATOR='glibc': set it to 'system' "
