@@ -553,6 +553,24 @@ def test_every_long_phase_of_a_run_shows_progress(ding_sample, tmp_path):
         assert line in out, out
 
 
+def test_a_resume_with_other_batch_settings_names_them(tmp_path):
+    from transformer.loop import Setup
+
+    setup = Setup(
+        model=config.preset("tiny"), train=config.TrainConfig(), data=config.DataConfig(),
+        decode=config.DecodeConfig(), workdir=str(tmp_path),
+    )  # fmt: skip
+    record.write_config(str(tmp_path), setup.configs())
+    assert record.replanned(str(tmp_path), setup.configs()) == []
+    more_rows = setup.data.replace(batch_rows=2 * setup.data.batch_rows)
+    other = dataclasses.replace(
+        setup, data=more_rows, train=setup.train.replace(seed=3, grad_accum_steps=2, steps=9)
+    )
+    rows = f"batch_rows {setup.data.batch_rows} -> {more_rows.batch_rows}"
+    # Packed rows are whole in every micro-batch: accumulating does not change the plan.
+    assert record.replanned(str(tmp_path), other.configs()) == [rows, "seed 0 -> 3"]
+
+
 def test_a_slow_host_trains_without_dropout(tmp_path, capsys):
     from transformer.loop import Setup, fit_recipe_to_host
 

@@ -94,6 +94,11 @@ def train_and_evaluate(setup: Setup) -> dict:
     setup = fit_recipe_to_host(setup, mesh)
     if jax.process_index() == 0:
         record.check_config(setup.workdir, setup.configs())
+        if changes := record.replanned(setup.workdir, setup.configs()):
+            say(
+                f"resumed with other batch settings ({', '.join(changes)}): the batches "
+                "from here are not those the run would have had without the change"
+            )
         datasets.prepare(setup.data)
     multihost_utils.sync_global_devices("dataset prepared")
     data = pipeline.train_data(

@@ -89,6 +89,34 @@ def check_config(workdir: str, configs: Configs) -> None:
         )
 
 
+# Settings that decide which examples make up batch n (the plan, data/pipeline.py).
+PLAN_FIELDS = {
+    "data": ("max_len", "batching", "batch_rows", "row_length", "tokens_per_batch",
+             "sentence_repeats", "first_alternative_only", "subword_sampling"),
+    "train": ("seed",),
+}  # fmt: skip
+
+
+def replanned(workdir: str, configs: Configs) -> list[str]:
+    """The plan's settings that differ from those the workdir's run started with,
+    as 'name old -> new': resumed with them, its batches are no longer the ones an
+    uninterrupted run would have had. Micro-batches split bucketed rows, so there
+    their count counts too."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return []
+    previous, record = read_record(path), configs.as_record()
+    fields = dict(PLAN_FIELDS)
+    if configs.data.batching == "bucketed":
+        fields["train"] = (*fields["train"], "grad_accum_steps")
+    return [
+        f"{name} {previous[part][name]} -> {record[part][name]}"
+        for part, names in fields.items()
+        for name in names
+        if name in previous.get(part, {}) and previous[part][name] != record[part][name]
+    ]
+
+
 def write_config(workdir: str, configs: Configs) -> None:
     """workdir/config.json; refuses a workdir that trained another model or corpus."""
     check_config(workdir, configs)
