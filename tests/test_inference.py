@@ -723,6 +723,8 @@ def test_outputs_that_are_an_input_or_part_of_a_workdir_are_refused(trained_work
         # Refused before the checkpoints are read (which --last=99 would fail).
         ("experiments.average", ["--last=99", f"--output={other}"],
          f"{other} holds another run's config.json"),
+        ("experiments.average", ["--last=99", f"--output={source}"],
+         f"{source} is a file; give --output a folder"),
         ("experiments.attention_maps", ["--sentence=Das Haus.",
                                         f"--out_dir={trained_workdir / 'checkpoints'}"],
          f"would write into the checkpoints of {trained_workdir}"),

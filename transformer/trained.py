@@ -189,6 +189,8 @@ def _check_average_output(workdir: str, output: str) -> None:
     """Refuses an --output of `write_average` that is the workdir itself, holds
     checkpoints, or holds another run's config or vocabulary (never overwritten)."""
     out = epath.Path(output)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{output} is a file; give --output a folder for the average")
     if out.resolve() == epath.Path(workdir).resolve():
         raise CheckpointError("the averaged checkpoint needs its own --output, not the workdir")
     if (out / checkpoint.CHECKPOINTS).exists() and record.checkpoint_steps(output):
