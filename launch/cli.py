@@ -86,6 +86,10 @@ def check_source(repo: str | None, ref: str | None) -> None:
         raise UserError("--ref needs --repo (without --repo this working tree is copied)")
 
 
+# Paths the launcher checks (GCS where every host or a spot VM's successor reads them).
+OWN_FLAGS = ("workdir", "data_dir")
+
+
 def extra_flags(text: str) -> list[str]:
     """--extra_flags split like a shell would; each must be an --flag."""
     try:
@@ -95,6 +99,9 @@ def extra_flags(text: str) -> list[str]:
     for word in words:
         if not word.startswith("--"):
             raise UserError(f"--extra_flags: {word!r} is not a flag; write --name=value")
+        name = word[2:].split("=", 1)[0]
+        if name in OWN_FLAGS:  # the launcher checks these paths: given here, unchecked
+            raise UserError(f"--extra_flags: give {name} as the launcher's own --{name}")
     return words
 
 

@@ -151,11 +151,25 @@ def as_created(tpu: Tpu, runner: Runner) -> Tpu:
     return dataclasses.replace(tpu, accelerator=accelerators.parse(actual.rsplit("/", 1)[-1]))
 
 
+DESCRIBE_TRIES = 5  # failed polls in a row that end a queued wait
+
+
 def wait_until_active(tpu: Tpu, runner: Runner, wait_minutes: float, poll_seconds: float) -> None:
     """Polls a queued resource until its TPU exists (spot capacity can take hours)."""
     deadline = time.monotonic() + (wait_minutes * 60 if wait_minutes else math.inf)
+    failures = 0
     while True:
-        state = runner.output(tpu.describe_queued(), dry_run_answer="ACTIVE")
+        try:
+            state = runner.output(tpu.describe_queued(), dry_run_answer="ACTIVE")
+            failures = 0
+        except cli.CommandError as e:  # a network or token hiccup in an hours-long wait
+            failures += 1
+            if failures >= DESCRIBE_TRIES:
+                raise UserError(
+                    f"queued resource {tpu.name} could not be described {failures} times in "
+                    f"a row ({e}); once it is ACTIVE, run setup, then train"
+                ) from None
+            state = "unknown (describe failed)"
         if state == "ACTIVE":
             return
         if state in _QUEUED_FAILED:

@@ -42,6 +42,11 @@ if "--command=true" in args:  # a new VM that answers ssh only from the N+1th tr
         tries = sum('"--command=true"' in line for line in log)
     if tries <= int(os.environ.get("FAKE_GCLOUD_SSH_FAILS", "0")):
         sys.exit(255)
+if "describe" in args and "queued-resources" in args:  # the first N polls fail
+    with open(os.environ["FAKE_GCLOUD_LOG"]) as log:
+        polls = sum('"describe"' in line and "queued-resources" in line for line in log)
+    if polls <= int(os.environ.get("FAKE_GCLOUD_DESCRIBE_FAILS", "0")):
+        sys.exit(1)
 if "describe" in args:
     default = "READY"  # a TPU VM's state; a queued resource's and an instance's differ
     default = "ACTIVE" if "queued-resources" in args else default
@@ -253,6 +258,17 @@ def test_up_queued_waits_for_the_queued_resource(gcloud):
     assert option(setup, "worker") == option(train, "worker") == "all"
 
 
+def test_up_queued_polls_on_through_failed_polls_but_not_forever(gcloud):
+    args = ["up", "--name=ende", "--zone=z", "--queued", "--workdir=gs://b/run",
+            "--repo=https://example.com/r.git", "--poll_seconds=0.01"]  # fmt: skip
+    done = gcloud.launch("tpu", *args, FAKE_GCLOUD_DESCRIBE_FAILS="2")
+    assert done.returncode == 0, done.stderr
+    assert [argv[3] for argv in gcloud.argvs()][:5] == ["create", *["describe"] * 3, "ssh"]
+    done = gcloud.launch("tpu", *args, FAKE_GCLOUD_DESCRIBE_FAILS="99")
+    assert done.returncode == 1
+    assert "could not be described 5 times in a row" in done.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     "state, message", [("FAILED", "is FAILED"), ("WAITING_FOR_RESOURCES", "still WAITING")]
 )
@@ -407,6 +423,8 @@ def test_a_failing_gcloud_stops_the_launch_with_one_line(gcloud):
           "--flagfile=experiments/configs/nope.flags"], "nope.flags not found"),
         (["train", "--name=ende", "--zone=z", "--workdir=gs://b/r", "--extra_flags=steps=5"],
          "not a flag"),
+        (["train", "--name=ende", "--zone=z", "--workdir=gs://b/r",
+          "--extra_flags=--steps=5 --workdir=runs/x"], "give workdir as the launcher's own"),
         (["setup", "--name=ende", "--zone=z", "--ref=main"], "--ref needs --repo"),
         (["up", "--name=ende", "--zone=z", "--queued", "--wait_minutes=-1"],
          "--wait_minutes must be >= 0"),
