@@ -157,12 +157,16 @@ def main(argv: list[str]) -> None:
         # Without --input, stdin is the input: `--output=F < F` would empty F.
         cli.check_output_file("output", output, (INPUT.value or "/dev/stdin",))
         partial = _sink_path(output)
-        if partial and INPUT.value and os.path.exists(partial):
-            if os.path.samefile(partial, INPUT.value):
-                raise cli.UserError(
-                    f"--input={INPUT.value} is where --output={output} is written until "
-                    "complete; rename the input or give another output"
-                )
+        if (
+            partial
+            and INPUT.value
+            and os.path.exists(partial)
+            and os.path.samefile(partial, INPUT.value)
+        ):
+            raise cli.UserError(
+                f"--input={INPUT.value} is where --output={output} is written until "
+                "complete; rename the input or give another output"
+            )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with contextlib.ExitStack() as stack:
         # Opened once, before the model loads: a pipe or FIFO (--input=/dev/stdin,
